@@ -1,0 +1,100 @@
+"""The backbone registry: ``register``, ``get`` and ``list_backbones`` are the whole surface.
+
+Built-in specs are declared in :mod:`tlkit.backbones.catalog`; any TF-Hub handle,
+SavedModel directory or ``.keras`` file is accepted by :func:`get` as well and
+turned into an ad-hoc spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
+from tlkit.errors import BackboneNotFoundError
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+_HUB_PREFIXES = ("http://", "https://", "gs://")
+
+
+def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
+    """Adds ``spec`` to the registry under ``spec.name`` and returns it."""
+    if not re.fullmatch(r"[a-z0-9_.\-]+", spec.name):
+        raise BackboneNotFoundError(
+            f"backbone name {spec.name!r} is not valid: use lower-case letters, digits, '_', '-', '.'"
+        )
+    if spec.name in _REGISTRY and not overwrite:
+        raise BackboneNotFoundError(
+            f"a backbone named {spec.name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Removes ``name`` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def list_backbones(modality: str | None = None) -> list[BackboneSpec]:
+    """All registered specs, sorted by modality then name."""
+    specs = [s for s in _REGISTRY.values() if modality is None or s.modality == modality]
+    return sorted(specs, key=lambda s: (s.modality, s.name))
+
+
+def get(name_or_handle: str | BackboneSpec, *, image_size: int | None = None) -> BackboneSpec:
+    """Resolves a registry name, a TF-Hub handle, a SavedModel directory or a ``.keras`` file.
+
+    Args:
+        name_or_handle: a registered name, ``https://...`` hub handle, a directory
+            holding ``saved_model.pb``, or a path ending in ``.keras``.
+        image_size: input size for ad-hoc image backbones (default 224).
+
+    Raises:
+        BackboneNotFoundError: nothing matches; the message lists close names.
+    """
+    if isinstance(name_or_handle, BackboneSpec):
+        return name_or_handle
+    key = str(name_or_handle)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    for spec in _REGISTRY.values():
+        if spec.location == key and spec.source in ("tfhub", "savedmodel", "keras_file"):
+            return spec
+    size = image_size or 224
+    if key.startswith(_HUB_PREFIXES):
+        return _adhoc(key, "tfhub", key, size)
+    path = Path(key).expanduser()
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _adhoc(path.name, "savedmodel", str(path.resolve()), size)
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise BackboneNotFoundError(f"backbone file {str(path)!r} does not exist; check the path")
+        return _adhoc(path.stem, "keras_file", str(path.resolve()), size)
+    if path.exists() or "/" in key or key.startswith("."):
+        raise BackboneNotFoundError(
+            f"{key!r} is neither a SavedModel directory (with saved_model.pb) nor a .keras file"
+        )
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise BackboneNotFoundError(
+        f"unknown backbone {key!r}.{hint} Run `tlkit backbones` for the list, or pass a TF-Hub "
+        "handle, a SavedModel directory or a .keras file."
+    )
+
+
+def _adhoc(name: str, source: str, location: str, size: int) -> BackboneSpec:
+    """A spec for an unregistered hub handle or local model: an image backbone taking [0, 1]."""
+    return BackboneSpec(
+        name=name,
+        modality="image",
+        source=source,  # type: ignore[arg-type]
+        location=location,
+        input_shape=(size, size, 3),
+        preprocessing=ImagePreprocessing(scale=1.0 / 255.0),
+        feature_dim=None,
+        output="pooled",
+        description="ad-hoc backbone (not in the registry); inputs scaled to [0, 1]",
+    )
