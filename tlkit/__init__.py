@@ -1,0 +1,74 @@
+"""tlkit: transfer learning for vision and speech on Keras 3 / TensorFlow.
+
+The public API (pinned by ``tests/test_public_api.py``)::
+
+    import tlkit
+    model = tlkit.build_classifier("efficientnet_lite0", num_classes=5)
+    result = tlkit.fine_tune(model, train_ds, val_ds, tlkit.Schedule.fine_tune())
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from tlkit.backbones import (
+    AudioFrontend,
+    BackboneSpec,
+    ImagePreprocessing,
+    available_offline,
+    get,
+    list_backbones,
+    load_backbone,
+    prefetch,
+    register,
+)
+from tlkit.config import RunConfig, load_config
+from tlkit.errors import (
+    BackboneNotFoundError,
+    ConfigError,
+    DataError,
+    ExportError,
+    IntegrityError,
+    TlkitError,
+    UnsafeCheckpointError,
+    WeightsUnavailableError,
+)
+from tlkit.finetune import FineTuneResult, Schedule, Stage, fine_tune
+from tlkit.layers import ImageNormalization
+from tlkit.model import HeadConfig, ImageAugmentation, build_classifier, split_head
+from tlkit.run import RunResult, load_run_model, train
+
+__all__ = [
+    "AudioFrontend",
+    "BackboneNotFoundError",
+    "BackboneSpec",
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "FineTuneResult",
+    "HeadConfig",
+    "ImageAugmentation",
+    "ImageNormalization",
+    "ImagePreprocessing",
+    "IntegrityError",
+    "RunConfig",
+    "RunResult",
+    "Schedule",
+    "Stage",
+    "TlkitError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "__version__",
+    "available_offline",
+    "build_classifier",
+    "fine_tune",
+    "get",
+    "list_backbones",
+    "load_backbone",
+    "load_config",
+    "load_run_model",
+    "prefetch",
+    "register",
+    "split_head",
+    "train",
+]

@@ -1,0 +1,65 @@
+"""Small Keras layers tlkit puts inside models so exported models need no side code.
+
+All are registered as serializable under the ``tlkit`` package, so ``.keras`` files that
+contain them load with ``safe_mode=True`` once ``tlkit`` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from tlkit.backbones.spec import ImagePreprocessing
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class ImageNormalization(keras.layers.Layer):
+    """A backbone's own pixel preprocessing: ``(flip(x) * scale + offset - mean) / std``.
+
+    Input: (B, H, W, 3) RGB pixel values 0..255 (any float or int dtype).
+    Output: (B, H, W, 3) in the compute dtype.
+    """
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        channel_order: str = "rgb",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+        self.offset = float(offset)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.channel_order = channel_order
+
+    @classmethod
+    def from_spec(cls, spec: ImagePreprocessing, **kwargs: Any) -> "ImageNormalization":
+        return cls(spec.scale, spec.offset, spec.mean, spec.std, spec.channel_order, **kwargs)
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.channel_order == "bgr":
+            x = ops.flip(x, axis=-1)
+        x = x * self.scale + self.offset
+        mean = ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (x - mean) / std
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "scale": self.scale,
+            "offset": self.offset,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+        }
