@@ -60,6 +60,9 @@ class DataConfig:
     batch_size: int = 32
     cache: bool | str = True
     class_weights: bool = False
+    # Audio only: training crop length, and crops averaged per clip at evaluation.
+    clip_seconds: float = 5.0
+    eval_crops: int = 3
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.manifest is None):
