@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="backbone names or hub handles")
     p.set_defaults(func=_cmd_fetch)
 
-    from tlkit import demo, evaluate
+    from tlkit import demo, evaluate, sample_data
 
     evaluate.add_cli(sub)
     demo.add_cli(sub)
+    sample_data.add_cli(sub)
     try:
         from tlkit import export
     except ImportError:  # pragma: no cover - export lands separately

@@ -331,8 +331,11 @@ def fine_tune(
                 metrics=list(metrics) if metrics is not None else classification_metrics(head, num_classes),
                 jit_compile=jit_compile,
             )
-        stage_callbacks = _stage_callbacks(stage, stage_dir, run, validation is not None)
-        stage_callbacks.append(_HistoryRecorder(stage, history_path, records, epochs_done))
+        # The history line is written before the backup, so a resumed run never misses an epoch.
+        stage_callbacks = [
+            _HistoryRecorder(stage, history_path, records, epochs_done),
+            *_stage_callbacks(stage, stage_dir, run, validation is not None),
+        ]
         if history_path is not None:
             _rewrite_history(history_path, records)
         model.fit(
@@ -342,6 +345,7 @@ def fine_tune(
             class_weight=class_weight,
             callbacks=[*stage_callbacks, *callbacks],
             verbose=verbose,
+            shuffle=False,  # tf.data input: shuffling belongs to the pipeline
         )
         if validation is not None and (stage_dir / "best.weights.h5").is_file():
             model.load_weights(stage_dir / "best.weights.h5")  # the stage's best epoch

@@ -166,6 +166,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
             optimizer="adam", loss=classification_loss(cfg.head),
             metrics=classification_metrics(cfg.head, len(splits.class_names)),
         )
+        model.optimizer.build(model.trainable_variables)
     model.save(run / "model.keras")
     _write_status(run, {
         "status": "complete", "backbone": spec.name, "started": started, "finished": time.time(),

@@ -44,6 +44,13 @@ class LayerGroups:
     names: list[str]
     members: list[list[object]] = field(default_factory=list)
     by_variable: bool = False
+    # SavedModel variables keep the trainability they were saved with (BatchNorm moving
+    # statistics stay non-trainable when their group is thawed).
+    saved_trainable: dict[int, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.by_variable and not self.saved_trainable:
+            self.saved_trainable = {id(v): bool(v.trainable) for group in self.members for v in group}  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.members)
@@ -83,6 +90,9 @@ class LayerGroups:
         self.backbone.trainable = True
         for index, group in enumerate(self.members):
             for member in group:
+                if self.by_variable:
+                    member.trainable = index in thawed and self.saved_trainable[id(member)]  # type: ignore[attr-defined]
+                    continue
                 frozen_bn = freeze_batchnorm and isinstance(member, keras.layers.BatchNormalization)
                 member.trainable = index in thawed and not frozen_bn  # type: ignore[attr-defined]
         return thawed

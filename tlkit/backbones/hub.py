@@ -55,6 +55,17 @@ class SavedModelBackbone(keras.layers.TFSMLayer):
         if signature is not None and not signature[0] and signature[1]:
             self._kwarg_name = sorted(signature[1])[0]
 
+    def _add_existing_weight(self, weight: Any) -> None:
+        """Tracks a SavedModel variable under a name optimizers accept (no ``/`` or ``:0``)."""
+        variable = keras.Variable(
+            initializer=weight,
+            trainable=weight.trainable,
+            dtype=weight.dtype,
+            shape=weight.shape,
+            name=weight.name.split(":")[0].replace("/", "_"),
+        )
+        self._track_variable(variable)
+
     def call(self, inputs: Any, training: bool = False, **kwargs: Any) -> Any:
         del training, kwargs  # BatchNorm inside a SavedModel always runs in inference mode.
         if self._kwarg_name is not None:

@@ -1,0 +1,84 @@
+"""Classifier assembly: raw input of any size, preprocessing inside, save/reload, precision policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import tlkit
+from tlkit.errors import ConfigError
+from tlkit.model import HeadConfig, ImageAugmentation, build_classifier, split_head
+
+
+def test_layers_in_order_and_any_input_size(tiny_backbone: object) -> None:
+    model = build_classifier("tiny_test", 4, head=HeadConfig(hidden_units=(8,)), augmentation=ImageAugmentation())
+    names = [layer.name for layer in model.layers]
+    order = ["image", "resize", "preprocess", "augment", "backbone", "pool", "dropout_0", "hidden_0", "dropout",
+             "logits", "probabilities"]
+    assert [n for n in names if n in order] == order
+    for shape in ((1, 17, 50, 3), (2, 64, 64, 3)):
+        out = model.predict(np.full(shape, 128.0, np.float32), verbose=0)
+        assert out.shape == (shape[0], 4)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_augmentation_only_in_training(tiny_backbone: object) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_classifier("tiny_test", 3, augmentation=ImageAugmentation(rotation=0.2, zoom=0.3), head=HeadConfig(dropout=0))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    a, b = model(x, training=False), model(x, training=False)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(model(x, training=True), a)
+
+
+def test_preprocessing_matches_the_spec(tiny_backbone: object) -> None:
+    model = build_classifier("tiny_test", 3, augmentation=None)
+    x = np.random.default_rng(1).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    pre = keras.Model(model.input, model.get_layer("preprocess").output)
+    np.testing.assert_allclose(pre(x), x / 255.0, rtol=1e-6)
+
+
+def test_keras_save_reload_predicts_identically(tiny_backbone: object, tmp_path: Path) -> None:
+    model = build_classifier("tiny_test", 3, head=HeadConfig(hidden_units=(4,)))
+    x = np.random.default_rng(2).uniform(0, 255, (3, 40, 30, 3)).astype(np.float32)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+
+
+def test_multi_label_head_and_loss(tiny_backbone: object) -> None:
+    head = HeadConfig(multi_label=True, label_smoothing=0.1)
+    model = build_classifier("tiny_test", 3, head=head, augmentation=None)
+    assert model.get_layer("probabilities").get_config()["activation"] == "sigmoid"
+    assert isinstance(tlkit.model.classification_loss(head), keras.losses.BinaryCrossentropy)
+
+
+def test_mixed_precision_keeps_float32_output(tiny_backbone: object) -> None:
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_classifier("tiny_test", 3, augmentation=None)
+        assert model.get_layer("logits").compute_dtype == "bfloat16"
+        assert model.output.dtype == "float32"
+        assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).dtype == np.float32
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_split_head_shares_layers(tiny_backbone: object) -> None:
+    model = build_classifier("tiny_test", 3, augmentation=None, head=HeadConfig(dropout=0))
+    extractor, head = split_head(model)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(head(extractor(x)), model(x), rtol=1e-5, atol=1e-6)
+    assert head.get_layer("logits") is model.get_layer("logits")
+
+
+def test_bad_head_options(tiny_backbone: object) -> None:
+    with pytest.raises(ConfigError):
+        HeadConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="at least 2"):
+        build_classifier("tiny_test", 1)

@@ -1,0 +1,163 @@
+"""Runs and the command line: tlkit train writes a run directory, resumes, predicts, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import tlkit.backbones as backbones
+from tlkit.cli import main
+from tlkit.config import config_from_dict, load_config
+from tlkit.errors import ConfigError
+from tlkit.run import load_run_model, train
+from tests.conftest import tiny_spec, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp: Path, data: Path, **overrides: object) -> dict:
+    raw: dict = {
+        "name": "tiny",
+        "output_dir": str(tmp / "run"),
+        "data": {"path": str(data), "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
+        "backbone": {"name": "tiny_test"},
+        "augmentation": {"enabled": False},
+        "schedule": {"stages": [
+            {"name": "head", "epochs": 3, "learning_rate": 0.02},
+            {"name": "top", "epochs": 1, "unfreeze": 1, "learning_rate": 0.002},
+        ]},
+        "training": {"verbose": 0},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture
+def registered() -> None:
+    backbones.register(tiny_spec(), overwrite=True)
+    yield
+    backbones.unregister("tiny_test")
+
+
+def test_train_writes_a_complete_run_dir(tmp_path: Path, registered: None) -> None:
+    data = write_image_folder(tmp_path / "data", n_per_class=10)
+    (data / "red" / "corrupt.png").write_bytes(b"not an image")
+    result = train(config_from_dict(_config(tmp_path, data)))
+    run = result.run_dir
+    for name in ("config.json", "labels.json", "splits.json", "history.json", "model.keras", "run.json",
+                 "skipped.csv"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "labels.json").read_text()) == ["blue", "green", "red"]
+    assert "corrupt.png" in (run / "skipped.csv").read_text()
+    history = json.loads((run / "history.json").read_text())
+    assert [s["name"] for s in history["stages"]] == ["head", "top"]
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "complete" and "accuracy" in status["test_metrics"]
+    model, labels = load_run_model(run)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), result.model.predict(x, verbose=0))
+    # Same command again: already complete, nothing retrained.
+    again = train(config_from_dict(_config(tmp_path, data)))
+    assert again.history is None
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path: Path, registered: None) -> None:
+    data = write_image_folder(tmp_path / "data", n_per_class=6)
+    cfg = config_from_dict(_config(tmp_path, data))
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    import tlkit.finetune as finetune
+
+    original = finetune._stage_callbacks
+
+    def with_interrupt(*args: object, **kwargs: object) -> list:
+        return [*original(*args, **kwargs), Interrupt()]
+
+    finetune._stage_callbacks = with_interrupt  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        finetune._stage_callbacks = original  # type: ignore[assignment]
+    run = Path(cfg.output_dir)
+    assert json.loads((run / "run.json").read_text())["status"] == "training"
+    epochs_before = [r["epoch"] for r in json.loads((run / "history.json").read_text())["epochs"]] if (
+        run / "history.json").is_file() else []
+    meta = json.loads((run / "checkpoints" / "head" / "backup" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 2
+    result = train(cfg)
+    head_epochs = [r["stage_epoch"] for r in result.history.history if r["stage"] == "head"]
+    assert head_epochs == [1, 2, 3]
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert epochs_before in ([], [1, 2])
+
+
+def test_changed_config_refuses_the_old_run_dir(tmp_path: Path, registered: None) -> None:
+    data = write_image_folder(tmp_path / "data", n_per_class=4)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"name": "other"}))
+    with pytest.raises(ConfigError, match="different config"):
+        train(config_from_dict(_config(tmp_path, data)))
+
+
+def test_cli_train_predict_evaluate(tmp_path: Path, registered: None, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_image_folder(tmp_path / "data", n_per_class=8)
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+name = "cli"
+output_dir = "out"
+[data]
+path = "{data}"
+batch_size = 8
+[backbone]
+name = "tiny_test"
+[augmentation]
+enabled = false
+[schedule]
+preset = "fine_tune"
+head_epochs = 2
+epochs = 1
+top_groups = 1
+learning_rate = 0.02
+[training]
+verbose = 0
+""")
+    assert main(["train", str(config), "--quiet"]) == 0
+    run = tmp_path / "out"
+    assert (run / "model.keras").is_file()
+    image = next((data / "red").glob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert predictions[0]["top"][0][0] in ("red", "green", "blue")
+    assert main(["evaluate", str(run)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[data]\npath = "nowhere"\n[backbone]\nname = "no_such_net"\n')
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlkit: error:") and "no_such_net" in err
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict({"data": {"path": "x", "bogus": 1}})
+    with pytest.raises(ConfigError, match="exactly one"):
+        config_from_dict({"data": {}})
+    example = load_config(REPO / "examples" / "digits.toml")
+    assert example.backbone.name == "efficientnet_lite0"
+    assert [s.name for s in example.schedule.stages] == ["head", "top"]
+    yaml_cfg = tmp_path / "c.yaml"
+    yaml_cfg.write_text("data:\n  path: d\nschedule:\n  stages:\n    - {name: a, epochs: 1}\n")
+    assert load_config(yaml_cfg).schedule.stages[0].name == "a"
