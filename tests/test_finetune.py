@@ -130,3 +130,81 @@ def test_too_many_groups_is_a_clear_error(tiny_backbone: object) -> None:
     model = build_classifier("tiny_test", 3, augmentation=None)
     with pytest.raises(ConfigError, match="3 groups"):
         fine_tune(model, _data(), None, Schedule((Stage("x", 1, 5),)), verbose=0)
+
+
+def _batches(seed: int = 0) -> "tlkit.data.Batches":
+    from tlkit.data import Batches
+
+    x, y = colour_images(16)
+    examples = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 3)))
+    return Batches(examples, len(x), batch_size=8, shuffle=True, seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_feature_cache_gives_the_same_head(tiny_backbone: object, mode: str) -> None:
+    """Head-only training on cached features equals the normal path (same data, seed, batches)."""
+    schedule = Schedule((Stage("head", 4, 0, 0.01, warmup_epochs=1),))
+    heads = {}
+    for cache in (mode, "off"):
+        keras.utils.set_random_seed(0)
+        model = build_classifier("tiny_test", 3, augmentation=None, head=HeadConfig(hidden_units=(8,), dropout=0.2))
+        result = fine_tune(model, _batches(), _batches(), schedule, feature_cache=cache, verbose=0)
+        assert (result.feature_seconds > 0) == (cache != "off")
+        heads[cache] = [w.numpy() for w in model.trainable_weights]
+        heads[cache + "_loss"] = result.metric("loss")
+    for cached, plain in zip(heads[mode], heads["off"]):
+        np.testing.assert_allclose(cached, plain, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(heads[mode + "_loss"], heads["off_loss"], rtol=1e-4)
+
+
+def test_feature_cache_is_skipped_with_augmentation(tiny_backbone: object) -> None:
+    from tlkit.model import ImageAugmentation
+
+    model = build_classifier("tiny_test", 3, augmentation=ImageAugmentation())
+    result = fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01),)), verbose=0)
+    assert result.feature_seconds == 0
+    with pytest.raises(ConfigError, match="augmentation"):
+        fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01),)), feature_cache="memory", verbose=0)
+
+
+def test_mirrored_strategy_on_two_logical_cpus_matches_single_device() -> None:
+    """MirroredStrategy over two logical CPU devices trains, with the single-device loss trend.
+
+    Runs in a subprocess: logical devices must be configured before TensorFlow initialises.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json, sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras
+        import tlkit.backbones as backbones
+        from tests.conftest import tiny_spec, colour_images
+        from tlkit.finetune import Schedule, Stage, fine_tune
+        from tlkit.model import HeadConfig, build_classifier
+        backbones.register(tiny_spec(), overwrite=True)
+        x, y = colour_images(16)
+        ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 3))).batch(8)
+        schedule = Schedule((Stage("head", 4, 0, 0.02), Stage("top", 2, 1, 0.005)))
+        out = {}
+        for name, strategy in (("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+                               ("single", tf.distribute.get_strategy())):
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                model = build_classifier("tiny_test", 3, augmentation=None, head=HeadConfig(dropout=0.0))
+            result = fine_tune(model, ds, None, schedule, strategy=strategy, verbose=0)
+            out[name] = {"loss": result.metric("loss"), "replicas": strategy.num_replicas_in_sync}
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mirrored"]["replicas"] == 2
+    mirrored, single = out["mirrored"]["loss"], out["single"]["loss"]
+    assert mirrored[-1] < mirrored[0]
+    np.testing.assert_allclose(mirrored, single, rtol=0.02, atol=0.02)

@@ -87,6 +87,7 @@ class TrainingConfig:
     mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"
     jit_compile: bool | Literal["auto"] = "auto"
     distribute: Literal["auto", "mirrored", "multi_worker", "one_device"] = "auto"
+    feature_cache: Literal["auto", "memory", "disk", "off"] = "auto"
     verbose: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from tlkit.data.batches import Batches
 from tlkit.errors import ConfigError
-from tlkit.model import HeadConfig, backbone_groups, classification_loss, classification_metrics
+from tlkit.model import HeadConfig, backbone_groups, classification_loss, classification_metrics, split_head
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class FineTuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stage_boundaries: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    feature_seconds: float = 0.0  # time spent computing cached features (0 when not used)
 
     def metric(self, name: str) -> list[float]:
         """The values of one metric across all epochs of all stages."""
@@ -215,6 +218,8 @@ class _GroupOptimizerMap:
 
 
 def _steps_per_epoch(dataset: Any) -> int:
+    if isinstance(dataset, Batches):
+        return dataset.steps
     cardinality = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
     if cardinality > 0:
         return cardinality
@@ -266,6 +271,7 @@ def fine_tune(
     class_weight: dict[int, float] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     jit_compile: bool | str = "auto",
+    feature_cache: Literal["auto", "memory", "disk", "off"] = "auto",
     verbose: int | str = "auto",
 ) -> FineTuneResult:
     """Runs ``schedule`` on a tlkit classifier with ``model.fit``.
@@ -273,7 +279,9 @@ def fine_tune(
     Args:
         model: a model from :func:`tlkit.build_classifier` (or any model with a layer named
             ``"backbone"``; its groups then come from the spec or a depth split).
-        train / validation: ``tf.data.Dataset`` of ``(inputs, one_hot_labels)`` batches.
+        train / validation: ``tf.data.Dataset`` of ``(inputs, one_hot_labels)`` batches, or
+            :class:`~tlkit.data.batches.Batches` (what ``tlkit.data.make_batches`` returns),
+            which also allows the feature cache.
         schedule: default ``Schedule.fine_tune()``.
         head: the head config, for the default loss and metrics (default: the model's own).
         loss / metrics: override the defaults (cross-entropy matching the head; accuracy).
@@ -286,6 +294,10 @@ def fine_tune(
         class_weight: per-class loss weights (single-label only).
         callbacks: extra Keras callbacks, added to every stage.
         jit_compile: passed to ``model.compile`` (XLA).
+        feature_cache: head-only stages of a model without augmentation, given ``Batches``,
+            train the head on backbone features computed once (``"auto"``: in memory, on
+            disk past 2 GiB; ``"memory"``/``"disk"`` force it; ``"off"`` never). The result
+            equals the uncached path for the same data and seed, within float tolerance.
 
     Returns:
         A :class:`FineTuneResult` with one merged history across stages.
@@ -297,14 +309,15 @@ def fine_tune(
     strategy = strategy or tf.distribute.get_strategy()
     groups = backbone_groups(model)
     run = Path(run_dir) if run_dir is not None else None
-    scratch = None if run is not None else tempfile.TemporaryDirectory(prefix="tlkit-stages-")
-    checkpoints = run / "checkpoints" if run is not None else Path(scratch.name)  # type: ignore[union-attr]
+    scratch = tempfile.TemporaryDirectory(prefix="tlkit-stages-")
+    checkpoints = run / "checkpoints" if run is not None else Path(scratch.name)
     history_path = run / "history.jsonl" if run else None
     records = _read_records(history_path)
     result = FineTuneResult()
     start = time.monotonic()
     steps = _steps_per_epoch(train)
     epochs_done = 0
+    cache: FeatureCache | None = None
     for stage in schedule.stages:
         stage_dir = checkpoints / stage.name
         result.stage_boundaries.append(epochs_done)
@@ -316,16 +329,25 @@ def fine_tune(
         if stage.epochs == 0:
             continue
         thawed = groups.set_trainable(stage.unfreeze, freeze_batchnorm=head.bn_inference)
-        done_epochs = _resume_epoch(stage_dir)
+        use_cache = not thawed and _cache_applies(model, train, validation, feature_cache)
+        if use_cache and cache is None:
+            _print(verbose, "head-only stage: computing backbone features once (feature cache)")
+            cache = FeatureCache.build(model, train, validation, feature_cache, Path(scratch.name))
+            result.feature_seconds = cache.seconds
+        fit_model = cache.head if use_cache and cache else model
+        fit_train = cache.train if use_cache and cache else train
+        fit_val = cache.validation if use_cache and cache else validation
+        prefix = "head_" if use_cache else ""
+        done_epochs = _resume_epoch(stage_dir, prefix)
         records = [r for r in records if r["stage"] != stage.name or r["stage_epoch"] <= done_epochs]
         _print(
             verbose,
             f"stage {stage.name!r}: {stage.epochs} epochs, "
-            f"{'head only' if not thawed else f'{len(thawed)} of {len(groups)} backbone groups thawed'}, "
-            f"lr {stage.learning_rate:g}",
+            f"{'head only' if not thawed else f'{len(thawed)} of {len(groups)} backbone groups thawed'}"
+            f"{' (on cached features)' if use_cache else ''}, lr {stage.learning_rate:g}",
         )
         with strategy.scope():
-            model.compile(
+            fit_model.compile(
                 optimizer=_stage_optimizer(stage, steps, model, thawed),
                 loss=loss,
                 metrics=list(metrics) if metrics is not None else classification_metrics(head, num_classes),
@@ -334,40 +356,113 @@ def fine_tune(
         # The history line is written before the backup, so a resumed run never misses an epoch.
         stage_callbacks = [
             _HistoryRecorder(stage, history_path, records, epochs_done),
-            *_stage_callbacks(stage, stage_dir, run, validation is not None),
+            *_stage_callbacks(stage, stage_dir, run, fit_val is not None, prefix),
         ]
         if history_path is not None:
             _rewrite_history(history_path, records)
-        model.fit(
-            train,
-            validation_data=validation,
+        fit_model.fit(
+            _batched(fit_train),
+            validation_data=_batched(fit_val),
             epochs=stage.epochs,
             class_weight=class_weight,
             callbacks=[*stage_callbacks, *callbacks],
             verbose=verbose,
             shuffle=False,  # tf.data input: shuffling belongs to the pipeline
         )
-        if validation is not None and (stage_dir / "best.weights.h5").is_file():
-            model.load_weights(stage_dir / "best.weights.h5")  # the stage's best epoch
+        best = stage_dir / f"{prefix}best.weights.h5"
+        if fit_val is not None and best.is_file():
+            fit_model.load_weights(best)  # the stage's best epoch
         epochs_done += len([r for r in records if r["stage"] == stage.name])
         model.save_weights(stage_dir / "final.weights.h5")
-        (stage_dir / "done.json").write_text(json.dumps({"stage": asdict(stage), "finished": time.time()}))
+        (stage_dir / "done.json").write_text(
+            json.dumps({"stage": asdict(stage), "feature_cache": use_cache, "finished": time.time()})
+        )
         if run is not None:
             _write_merged(run, records)
     result.history = list(records)
     result.seconds = time.monotonic() - start
-    if scratch is not None:
-        scratch.cleanup()
+    scratch.cleanup()
     return result
 
 
-def _stage_callbacks(stage: Stage, stage_dir: Path, run: Path | None, has_val: bool) -> list[Any]:
+def _batched(data: Any) -> Any:
+    return data.batched() if isinstance(data, Batches) else data
+
+
+def _cache_applies(model: keras.Model, train: Any, validation: Any, mode: str) -> bool:
+    """Features can stand in for images: no random augmentation, and tlkit batches the data."""
+    if mode == "off":
+        return False
+    has_augment = any(layer.name == "augment" for layer in model.layers)
+    batchable = isinstance(train, Batches) and (validation is None or isinstance(validation, Batches))
+    if mode != "auto" and (has_augment or not batchable):
+        raise ConfigError(
+            "feature_cache needs un-augmented input and data given as tlkit Batches "
+            "(tlkit.data.make_batches); build the model with augmentation=None or use feature_cache='auto'"
+        )
+    return not has_augment and batchable
+
+
+@dataclass
+class FeatureCache:
+    """Backbone features of the train/validation examples, computed once, and the head to train on them.
+
+    The head model shares its layers with the full model, so training it trains the full
+    model's head. Features are kept in memory, or in a ``.npy`` file when larger than
+    ``memory_limit`` bytes (or when asked for with ``mode="disk"``).
+    """
+
+    head: keras.Model
+    train: Batches
+    validation: Batches | None
+    seconds: float
+
+    @classmethod
+    def build(
+        cls, model: keras.Model, train: Batches, validation: Batches | None, mode: str, folder: Path,
+        memory_limit: int = 2 << 30,
+    ) -> "FeatureCache":
+        start = time.monotonic()
+        extractor, head_model = split_head(model)
+        parts = [_features(extractor, data, mode, folder / name, memory_limit)
+                 for name, data in (("train", train), ("validation", validation)) if data is not None]
+        return cls(head_model, parts[0], parts[1] if len(parts) > 1 else None, time.monotonic() - start)
+
+
+def _features(extractor: keras.Model, data: Batches, mode: str, path: Path, memory_limit: int) -> Batches:
+    outputs, targets = [], []
+    for x, y in data.in_order():
+        outputs.append(np.asarray(extractor(x, training=False), dtype=np.float32))
+        targets.append(np.asarray(y))
+    features, labels = np.concatenate(outputs), np.concatenate(targets)
+    if mode == "disk" or features.nbytes > memory_limit:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".features.npy"), features)
+        stored = np.load(path.with_suffix(".features.npy"), mmap_mode="r")
+
+        def rows() -> Any:
+            for i in range(len(stored)):
+                yield np.asarray(stored[i]), labels[i]
+
+        signature = (tf.TensorSpec(features.shape[1:], tf.float32), tf.TensorSpec(labels.shape[1:], labels.dtype))
+        examples = tf.data.Dataset.from_generator(rows, output_signature=signature).apply(
+            tf.data.experimental.assert_cardinality(len(stored))
+        )
+    else:
+        examples = tf.data.Dataset.from_tensor_slices((features, labels))
+    return data.with_examples(examples)
+
+
+def _stage_callbacks(stage: Stage, stage_dir: Path, run: Path | None, has_val: bool, prefix: str = "") -> list[Any]:
+    """Backup (resume), best checkpoint, TensorBoard, early stopping. ``prefix`` names the files
+    of a stage trained on cached features (they hold the head's weights, not the full model's)."""
     monitor = "val_loss" if has_val else "loss"
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(str(stage_dir / "backup"), double_checkpoint=True),
+        keras.callbacks.BackupAndRestore(str(stage_dir / f"{prefix}backup"), double_checkpoint=True),
         keras.callbacks.ModelCheckpoint(
-            str(stage_dir / "best.weights.h5"), monitor=monitor, save_best_only=True, save_weights_only=True
+            str(stage_dir / f"{prefix}best.weights.h5"), monitor=monitor, save_best_only=True,
+            save_weights_only=True,
         ),
     ]
     if run is not None:
@@ -377,8 +472,8 @@ def _stage_callbacks(stage: Stage, stage_dir: Path, run: Path | None, has_val: b
     return callbacks
 
 
-def _resume_epoch(stage_dir: Path) -> int:
-    meta = stage_dir / "backup" / "training_metadata.json"
+def _resume_epoch(stage_dir: Path, prefix: str = "") -> int:
+    meta = stage_dir / f"{prefix}backup" / "training_metadata.json"
     if not meta.is_file():
         return 0
     return int(json.loads(meta.read_text()).get("epoch", 0))

@@ -10,7 +10,15 @@ Run directory layout::
     logs/<stage>/       TensorBoard logs
     checkpoints/<stage>/  best and final weights of each stage, and a backup for resuming
     model.keras         the final model (loads with safe_mode=True after `import tlkit`)
-    run.json            status, backbone, test metrics, timings, versions
+    run.json            status, backbone, test metrics, timings, versions; image runs add
+                        ``image_size``, audio runs ``modality``, ``sample_rate``,
+                        ``clip_seconds`` (the training crop) and ``eval_crops``
+
+Audio runs: the backbone is an audio spec (a registered one, or a ``.keras`` file /
+SavedModel directory when the data folder or manifest holds audio files). Every file is
+decoded once and resampled to the backbone's rate; training takes one random
+``clip_seconds`` crop per clip and epoch, validation ``eval_crops`` fixed crops per clip,
+and test metrics average the probabilities of ``eval_crops`` crops per clip.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import csv
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +35,17 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+import tlkit.audio_augment  # noqa: F401  (registers AudioAugment for model.keras files)
+import tlkit.frontends  # noqa: F401  (registers LogMelSpectrogram for model.keras files)
+from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
-from tlkit.config import RunConfig, config_from_dict, load_config
-from tlkit.data.images import Example, Splits, class_weights, load_splits, make_dataset
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.config import DataConfig, RunConfig, config_from_dict, load_config
+from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
+from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, encode_labels, load_splits, make_batches
 from tlkit.errors import ConfigError
 from tlkit.finetune import FineTuneResult, fine_tune
-from tlkit.model import build_classifier, classification_loss, classification_metrics
+from tlkit.model import HeadConfig, build_classifier, classification_loss, classification_metrics
 
 
 @dataclass
@@ -122,29 +136,17 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     keras.utils.set_random_seed(cfg.seed)
     if cfg.training.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.training.mixed_precision)
-    spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size)
-    if spec.modality != "image":
-        raise ConfigError(
-            f"backbone {spec.name!r} is an {spec.modality} backbone; `tlkit train` reads image data here"
-        )
-    splits = load_splits(
-        cfg.data.path, cfg.data.manifest, val_fraction=cfg.data.val_fraction,
-        test_fraction=cfg.data.test_fraction, seed=cfg.seed,
-    )
-    _say(verbose, splits.summary())
-    _write_data_files(run, splits)
-    size = (cfg.backbone.image_size,) * 2 if cfg.backbone.image_size else spec.image_size
-    make = lambda examples, training: make_dataset(  # noqa: E731
-        examples, splits.class_names, size, cfg.data.batch_size, training=training, seed=cfg.seed,
-        cache=cfg.data.cache,
-    )
-    train_ds = make(splits.train, True)
-    val_ds = make(splits.val, False) if splits.val else None
+    spec = _resolve_spec(cfg)
+    if spec.modality == "audio":
+        data = _prepare_audio(cfg, spec, run, verbose)
+    else:
+        data = _prepare_images(cfg, spec, run, verbose)
+    splits, train_ds, val_ds = data.splits, data.train, data.val
     strategy = make_strategy(cfg.training.distribute)
     with strategy.scope():
         model = build_classifier(
             spec, len(splits.class_names), weights=cfg.backbone.weights, head=cfg.head,
-            augmentation=cfg.augmentation, image_size=size, seed=cfg.seed, name=_model_name(cfg.name),
+            augmentation=data.augmentation, image_size=data.image_size, seed=cfg.seed, name=_model_name(cfg.name),
         )
     weights = None
     if cfg.data.class_weights and not cfg.head.multi_label:
@@ -153,13 +155,12 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     _write_status(run, {"status": "training", "backbone": spec.name, "started": started})
     history = fine_tune(
         model, train_ds, val_ds, cfg.schedule, head=cfg.head, run_dir=run, strategy=strategy,
-        class_weight=weights, jit_compile=cfg.training.jit_compile, verbose=verbose,
+        class_weight=weights, jit_compile=cfg.training.jit_compile, feature_cache=cfg.training.feature_cache,
+        verbose=verbose,
     )
     test_metrics: dict[str, float] = {}
     if splits.test:
-        test_ds = make(splits.test, False)
-        values = model.evaluate(test_ds, verbose=0, return_dict=True)
-        test_metrics = {k: float(v) for k, v in values.items()}
+        test_metrics = data.evaluate_test(model)
         _say(verbose, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     with strategy.scope():  # a plain optimizer, so the saved model is a clean, fittable Keras model
         model.compile(
@@ -171,10 +172,173 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     _write_status(run, {
         "status": "complete", "backbone": spec.name, "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
-        "image_size": list(size), "versions": _versions(),
+        **data.status, "versions": _versions(),
     })
     _say(verbose, f"wrote {run / 'model.keras'}")
     return RunResult(run, model, splits.class_names, history, test_metrics)
+
+
+@dataclass
+class _RunData:
+    """The data side of a run, image or audio: datasets, how to score the test split, run.json extras."""
+
+    splits: Splits
+    train: Any
+    val: Any
+    evaluate_test: Callable[[keras.Model], dict[str, float]]
+    augmentation: Any
+    image_size: tuple[int, int] | None
+    status: dict[str, Any]
+
+
+def _resolve_spec(cfg: RunConfig) -> BackboneSpec:
+    """The backbone spec; an ad-hoc ``.keras`` / SavedModel / hub backbone is an audio
+    encoder when the data are audio files."""
+    return get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size, modality=_data_modality(cfg.data))
+
+
+def _data_modality(data: DataConfig, limit: int = 200) -> str | None:
+    """``"audio"`` or ``"image"`` from the suffixes of up to ``limit`` data files (``None``: unknown)."""
+    paths: list[str] = []
+    try:
+        if data.manifest is not None:
+            with open(data.manifest, newline="", encoding="utf-8") as handle:
+                for index, row in enumerate(csv.DictReader(handle)):
+                    if index >= limit:
+                        break
+                    paths.append(row.get("path") or "")
+        elif data.path is not None and Path(data.path).is_dir():
+            for index, file in enumerate(p for p in Path(data.path).rglob("*") if p.is_file()):
+                if index >= limit:
+                    break
+                paths.append(str(file))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None  # the data loader reports the real problem with its own message
+    audio = sum(is_audio_file(p) for p in paths)
+    images = sum(Path(p).suffix.lower() in IMAGE_SUFFIXES for p in paths)
+    if audio > images:
+        return "audio"
+    return "image" if images else None
+
+
+def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int | str) -> _RunData:
+    splits = load_splits(
+        cfg.data.path, cfg.data.manifest, val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+    )
+    _say(verbose, splits.summary())
+    _write_data_files(run, splits)
+    size = (cfg.backbone.image_size,) * 2 if cfg.backbone.image_size else spec.image_size
+    make = lambda examples, training: make_batches(  # noqa: E731
+        examples, splits.class_names, size, cfg.data.batch_size, training=training, seed=cfg.seed,
+        cache=cfg.data.cache,
+    )
+    train_ds = make(splits.train, True)
+    val_ds = make(splits.val, False) if splits.val else None
+
+    def evaluate_test(model: keras.Model) -> dict[str, float]:
+        test_ds = make(splits.test, False).batched()
+        values = model.evaluate(test_ds, verbose=0, return_dict=True)
+        test_metrics = {k: float(v) for k, v in values.items()}
+        return test_metrics
+
+    return _RunData(splits, train_ds, val_ds, evaluate_test, cfg.augmentation, size, {"image_size": list(size)})
+
+
+def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int | str) -> _RunData:
+    frontend = spec.preprocessing
+    if not isinstance(frontend, AudioFrontend):
+        raise ConfigError(f"audio backbone {spec.name!r} has no AudioFrontend preprocessing: {frontend!r}")
+    rate = int(spec.sample_rate or frontend.sample_rate)
+    clip = audio_clip_length(spec, cfg.data.clip_seconds)
+    if clip != clip_samples(cfg.data.clip_seconds, rate):
+        _say(verbose, f"backbone {spec.name!r} takes exactly {clip} samples; crops are {clip / rate:g}s")
+    crops = int(cfg.data.eval_crops)
+    if crops < 1:
+        raise ConfigError(f"[data] eval_crops must be >= 1, got {crops}")
+    splits = load_audio_splits(
+        cfg.data.path, cfg.data.manifest, sample_rate=rate, val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+    )
+    _say(verbose, splits.summary())
+    _write_data_files(run, splits)
+    batch = cfg.data.batch_size
+    train_ds = make_audio_dataset(
+        splits.train, splits.class_names, splits.waveforms, clip, batch, training=True, seed=cfg.seed
+    )
+    val_ds = None
+    if splits.val:
+        val_ds = make_audio_dataset(splits.val, splits.class_names, splits.waveforms, clip, batch, crops=crops)
+
+    def evaluate_test(model: keras.Model) -> dict[str, float]:
+        return evaluate_audio(
+            model, splits.test, splits.class_names, splits.waveforms, clip, crops=crops, head=cfg.head,
+            batch_size=batch,
+        )
+
+    status = {"modality": "audio", "sample_rate": rate, "clip_seconds": clip / rate, "eval_crops": crops}
+    augmentation = _audio_augmentation(cfg.augmentation, verbose)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, augmentation, None, status)
+
+
+def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:
+    """Samples per training / evaluation crop for ``spec``: ``clip_seconds`` at its rate, or the
+    exact length an encoder traced for one input size needs (``fixed_input_samples``, e.g.
+    ``wav2vec2_base``).
+
+    Raises:
+        ConfigError: the crop is shorter than the encoder's ``min_input_samples``.
+    """
+    rate = int(spec.sample_rate or getattr(spec.preprocessing, "sample_rate", 16000))
+    if clip_seconds <= 0:
+        raise ConfigError(f"[data] clip_seconds must be > 0, got {clip_seconds}")
+    fixed = spec.option("fixed_input_samples")
+    clip = int(fixed) if fixed else clip_samples(clip_seconds, rate)
+    minimum = spec.option("min_input_samples")
+    if minimum and clip < int(minimum):
+        raise ConfigError(
+            f"[data] clip_seconds={clip_seconds} gives {clip} samples, but backbone {spec.name!r} needs at least "
+            f"{minimum} ({int(minimum) / rate:g}s at {rate} Hz); raise clip_seconds"
+        )
+    return clip
+
+
+def _audio_augmentation(augmentation: Any, verbose: int | str) -> AudioAugmentation | None:
+    """An audio run's augmentation: an AudioAugmentation as given, none when disabled, and
+    the audio defaults in place of an image augmentation table."""
+    if augmentation is None or isinstance(augmentation, AudioAugmentation):
+        return augmentation
+    _say(verbose, "audio run: using AudioAugmentation() defaults (time shift, gain, noise or SpecAugment)")
+    return AudioAugmentation()
+
+
+def evaluate_audio(
+    model: keras.Model,
+    examples: list[Example],
+    class_names: list[str],
+    waveforms: dict[str, Any],
+    clip_length: int,
+    *,
+    crops: int = 3,
+    head: HeadConfig | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Loss and metrics of ``model`` on whole clips, each scored by the mean probabilities of
+    ``crops`` evenly spaced ``clip_length`` crops (waveforms: ``{path: (samples,) float32}``).
+
+    Returns the keys ``model.evaluate(..., return_dict=True)`` would: ``loss``, ``accuracy``, ...
+    """
+    head = head or HeadConfig()
+    waves = [waveforms[e.path] for e in examples]
+    probabilities = predict_clips(
+        lambda batch: model(batch, training=False), waves, clip_length, crops=crops, batch_size=batch_size
+    )
+    targets = encode_labels(examples, class_names)
+    results = {"loss": float(classification_loss(head)(targets, probabilities))}
+    for metric in classification_metrics(head, len(class_names)):
+        metric.update_state(targets, probabilities)
+        results[metric.name] = float(metric.result())
+    return results
 
 
 def _model_name(name: str) -> str:

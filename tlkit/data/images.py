@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tlkit.data.batches import Batches
 from tlkit.errors import DataError
 
 log = logging.getLogger("tlkit.data")
@@ -238,7 +239,7 @@ def decode_and_resize(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor
     return tf.image.resize(tf.cast(image, tf.float32), image_size, antialias=True)
 
 
-def make_dataset(
+def make_batches(
     examples: Sequence[Example],
     class_names: Sequence[str],
     image_size: tuple[int, int],
@@ -247,12 +248,12 @@ def make_dataset(
     training: bool = False,
     seed: int = 0,
     cache: bool | str = True,
-) -> tf.data.Dataset:
-    """A batched ``tf.data.Dataset`` of ``(pixels float32 (B, H, W, 3) 0..255, targets (B, C))``.
+) -> Batches:
+    """Examples as :class:`~tlkit.data.batches.Batches` of ``(pixels (H, W, 3) float32 0..255, targets (C,))``.
 
     Files are decoded in parallel and resized once; the decoded images are cached
     (in memory, or in a file when ``cache`` is a path) so later epochs skip decoding.
-    Training sets are shuffled with ``seed`` every epoch (deterministic order).
+    Training sets are reshuffled with ``seed`` every epoch (deterministic order).
     """
     if not examples:
         raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
@@ -266,6 +267,23 @@ def make_dataset(
     )
     if cache:
         ds = ds.cache("" if cache is True else str(cache))
-    if training:
-        ds = ds.shuffle(min(len(examples), 10_000), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return Batches(ds, len(examples), batch_size, shuffle=training, seed=seed)
+
+
+def make_dataset(
+    examples: Sequence[Example],
+    class_names: Sequence[str],
+    image_size: tuple[int, int],
+    batch_size: int = 32,
+    *,
+    training: bool = False,
+    seed: int = 0,
+    cache: bool | str = True,
+) -> tf.data.Dataset:
+    """A batched ``tf.data.Dataset`` of ``(pixels float32 (B, H, W, 3) 0..255, targets (B, C))``.
+
+    See :func:`make_batches`; this is ``make_batches(...).batched()``.
+    """
+    return make_batches(
+        examples, class_names, image_size, batch_size, training=training, seed=seed, cache=cache
+    ).batched()

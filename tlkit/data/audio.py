@@ -1,0 +1,388 @@
+"""Audio datasets: class folders or CSV manifests -> decoded, checked clips -> speaker-aware splits -> ``tf.data``.
+
+Every file is decoded once up front (soundfile; librosa's audioread fallback for what
+libsndfile cannot read), mixed down to mono and resampled to the encoder's rate with
+soxr. The decoded waveforms are kept in memory as float32 numpy arrays
+(:attr:`AudioSplits.waveforms`), so epochs never touch the files again and a corrupt,
+silent or too short file is reported by path and skipped before training starts.
+
+Datasets yield ``(waveform float32 (B, clip_samples), targets float32 (B, num_classes))``:
+training takes one random, seeded crop per clip and epoch (clips shorter than the crop
+are zero-padded at a random offset); evaluation takes ``crops`` evenly spaced crops per
+clip, and :func:`predict_clips` averages the model's probabilities over them.
+
+Splits reuse :mod:`tlkit.data.images`: a manifest's ``speaker`` column becomes
+:attr:`Example.group`, and :func:`~tlkit.data.images.stratified_split` keeps every group
+whole, so no speaker is in two splits.
+
+Memory: a clip costs ``4 * sample_rate * seconds`` bytes (64 kB per second at 16 kHz),
+so 10 hours of 16 kHz audio hold about 2.3 GB.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tlkit.data.images import (
+    Example,
+    Splits,
+    _require_two_classes,
+    encode_labels,
+    read_manifest,
+    scan_folder,
+    stratified_split,
+)
+from tlkit.errors import DataError
+
+log = logging.getLogger("tlkit.data")
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
+
+__all__ = [
+    "AUDIO_SUFFIXES",
+    "AudioSplits",
+    "check_audio",
+    "clip_samples",
+    "fixed_crops",
+    "is_audio_file",
+    "load_audio",
+    "load_audio_splits",
+    "make_audio_dataset",
+    "predict_clips",
+]
+
+
+@dataclass
+class AudioSplits(Splits):
+    """:class:`~tlkit.data.images.Splits` plus the decoded audio.
+
+    Attributes:
+        sample_rate: the rate every waveform was resampled to.
+        waveforms: ``{path: float32 (samples,)}`` mono in -1..1 at ``sample_rate``, one
+            entry per kept example (skipped files have none).
+    """
+
+    sample_rate: int = 16000
+    waveforms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def seconds(self, examples: Sequence[Example]) -> float:
+        """Total duration of ``examples`` in seconds."""
+        return sum(len(self.waveforms[e.path]) for e in examples) / float(self.sample_rate)
+
+    def summary(self) -> str:
+        text = super().summary()
+        hours = self.seconds(self.train) / 3600.0
+        speakers = {e.group for e in self.train + self.val + self.test if e.group is not None}
+        extra = f"; {hours * 60:.1f} min of training audio at {self.sample_rate} Hz"
+        if speakers:
+            extra += f"; {len(speakers)} speakers, none shared between splits"
+        return text.replace("unreadable file(s)", "unreadable, silent or too short file(s)") + extra
+
+
+def is_audio_file(path: str | Path) -> bool:
+    """True when ``path`` ends in one of :data:`AUDIO_SUFFIXES` (case-insensitive)."""
+    return Path(path).suffix.lower() in AUDIO_SUFFIXES
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Decodes one file to a mono float32 waveform ``(samples,)`` in -1..1 at ``sample_rate``.
+
+    Channels are averaged; a file at another rate is resampled (soxr, high quality), so
+    its duration and pitch are preserved. WAV, FLAC, OGG/Vorbis and MP3 are read by
+    libsndfile; anything else falls back to librosa (audioread, needs ffmpeg).
+
+    Raises:
+        DataError: the file is missing or cannot be decoded; the message names it.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"audio file {str(file)!r} does not exist")
+    try:
+        waveform, rate = _decode(file)
+    except DataError:
+        raise
+    except Exception as exc:  # soundfile, audioread and soxr raise many kinds
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot decode audio file {str(file)!r}: {first}") from exc
+    if waveform.size == 0:
+        raise DataError(f"audio file {str(file)!r} holds no samples")
+    if rate != sample_rate:
+        import librosa
+
+        waveform = librosa.resample(waveform, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
+    return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _decode(file: Path) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, native rate)."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(file), dtype="float32", always_2d=True)
+        return data.mean(axis=1), int(rate)
+    except sf.LibsndfileError as exc:
+        sndfile_error = exc
+    if file.suffix.lower() in (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au"):
+        # libsndfile reads all of these; a failure means the file itself is broken.
+        raise DataError(f"cannot decode audio file {str(file)!r}: {sndfile_error}")
+    import librosa
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # librosa warns that audioread is deprecated
+        data, rate = librosa.load(str(file), sr=None, mono=True, dtype=np.float32)
+    return data, int(rate)
+
+
+def check_audio(
+    examples: Sequence[Example],
+    sample_rate: int,
+    *,
+    min_seconds: float = 0.1,
+    max_seconds: float | None = None,
+    silence_threshold: float = 1e-4,
+) -> tuple[list[Example], dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Decodes every file once; returns ``(kept, waveforms, [(path, reason), ...])``.
+
+    A file is skipped (and logged with its path) when it cannot be decoded, when it is
+    shorter than ``min_seconds`` or longer than ``max_seconds``, or when it is silent
+    (peak absolute amplitude below ``silence_threshold``, -80 dBFS by default).
+    ``waveforms`` maps each kept path to its float32 ``(samples,)`` at ``sample_rate``;
+    a path listed twice is decoded once.
+    """
+    kept: list[Example] = []
+    waveforms: dict[str, np.ndarray] = {}
+    bad: list[tuple[str, str]] = []
+    problems: dict[str, str] = {}
+    for example in examples:
+        if example.path not in waveforms and example.path not in problems:
+            try:
+                waveform = load_audio(example.path, sample_rate)
+            except DataError as exc:
+                problems[example.path] = str(exc).replace(f" {example.path!r}", "")
+            else:
+                seconds = len(waveform) / float(sample_rate)
+                peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0
+                if not np.isfinite(waveform).all():
+                    problems[example.path] = "holds NaN or infinite samples"
+                elif seconds < min_seconds:
+                    problems[example.path] = f"too short: {seconds:.3f}s < min_seconds={min_seconds}"
+                elif max_seconds is not None and seconds > max_seconds:
+                    problems[example.path] = f"too long: {seconds:.1f}s > max_seconds={max_seconds}"
+                elif peak < silence_threshold:
+                    problems[example.path] = f"silent: peak amplitude {peak:.2e} < {silence_threshold:g}"
+                else:
+                    waveforms[example.path] = waveform
+        if example.path in problems:
+            bad.append((example.path, problems[example.path]))
+            log.warning("skipping %s: %s", example.path, problems[example.path])
+        else:
+            kept.append(example)
+    if bad:
+        log.warning("skipped %d unreadable, silent or wrong-length audio file(s) of %d", len(bad), len(examples))
+    return kept, waveforms, bad
+
+
+def _scan_speaker_folders(root: str | Path) -> list[Example]:
+    """``root/<class>/<speaker>/**/<file>``: the first sub-folder below a class is the speaker."""
+    base = Path(root).expanduser()
+    examples = scan_folder(base, AUDIO_SUFFIXES)
+    grouped = []
+    for example in examples:
+        relative = Path(example.path).relative_to(base)
+        if len(relative.parts) < 3:
+            raise DataError(
+                f"{example.path!r} is not inside a speaker folder; with speaker_folders=True the layout is "
+                f"{base}/<class>/<speaker>/<file>"
+            )
+        grouped.append(Example(example.path, example.labels, relative.parts[1]))
+    return grouped
+
+
+def load_audio_splits(
+    path: str | Path | None = None,
+    manifest: str | Path | None = None,
+    *,
+    sample_rate: int,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    min_seconds: float = 0.1,
+    max_seconds: float | None = None,
+    silence_threshold: float = 1e-4,
+    speaker_folders: bool = False,
+) -> AudioSplits:
+    """Reads a class folder or a manifest, decodes and checks every file, and splits by class.
+
+    Args:
+        path: ``path/<class>/**/<audio file>``; the class folder name is the label.
+        manifest: a CSV with ``path,label`` and optionally ``speaker`` (or ``group``) columns.
+        sample_rate: the encoder's rate; every file is resampled to it.
+        val_fraction / test_fraction / seed: as :func:`tlkit.data.images.stratified_split`.
+        min_seconds / max_seconds / silence_threshold: see :func:`check_audio`.
+        speaker_folders: folders only: read ``path/<class>/<speaker>/<file>`` and keep
+            each speaker in one split.
+
+    Returns:
+        :class:`AudioSplits` whose ``waveforms`` hold every kept clip. When speakers are
+        given, no speaker appears in two splits.
+
+    Raises:
+        DataError: bad paths, fewer than two classes, or no readable file.
+    """
+    if (path is None) == (manifest is None):
+        raise DataError("give exactly one of a data folder (`data.path`) or a CSV manifest (`data.manifest`)")
+    if sample_rate <= 0:
+        raise DataError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
+    if path is not None:
+        examples = _scan_speaker_folders(path) if speaker_folders else scan_folder(path, AUDIO_SUFFIXES)
+    else:
+        examples = read_manifest(manifest)  # type: ignore[arg-type]
+    source = str(path or manifest)
+    examples, waveforms, skipped = check_audio(
+        examples, sample_rate, min_seconds=min_seconds, max_seconds=max_seconds, silence_threshold=silence_threshold
+    )
+    if not examples:
+        raise DataError(
+            f"none of the audio files under {source} could be used ({len(skipped)} skipped; first: {skipped[:3]})"
+        )
+    _require_two_classes(examples, source)
+    class_names = sorted({label for e in examples for label in e.labels})
+    train, val, test = stratified_split(examples, val_fraction, test_fraction, seed)
+    for name, split, fraction in (("validation", val, val_fraction), ("test", test, test_fraction)):
+        missing = sorted(set(class_names) - {label for e in split for label in e.labels})
+        if fraction > 0 and missing:
+            log.warning(
+                "the %s split has no example of %s (too few speakers or clips per class for whole-speaker splits)",
+                name, missing,
+            )
+    return AudioSplits(class_names, train, val, test, skipped, sample_rate=sample_rate, waveforms=waveforms)
+
+
+def clip_samples(seconds: float, sample_rate: int) -> int:
+    """Samples in a crop of ``seconds`` at ``sample_rate`` (at least 1)."""
+    return max(1, int(round(seconds * sample_rate)))
+
+
+def fixed_crops(waveform: np.ndarray, length: int, count: int = 1) -> np.ndarray:
+    """``count`` evenly spaced crops of ``length`` samples: ``(count, length)`` float32.
+
+    The first crop starts at the clip's start, the last ends at its end (one crop: the
+    centre). A clip shorter than ``length`` is zero-padded equally on both sides, and
+    every crop is then that padded clip.
+    """
+    wave = np.asarray(waveform, dtype=np.float32).reshape(-1)
+    if count < 1:
+        raise DataError(f"need at least one crop per clip, got {count}")
+    if len(wave) < length:
+        left = (length - len(wave)) // 2
+        wave = np.pad(wave, (left, length - len(wave) - left))
+    spare = len(wave) - length
+    if count == 1:
+        starts = [spare // 2]
+    else:
+        starts = np.round(np.linspace(0, spare, count)).astype(int).tolist()
+    return np.stack([wave[s : s + length] for s in starts]).astype(np.float32)
+
+
+def _random_crop(waveform: tf.Tensor, draw: tf.Tensor, length: int) -> tf.Tensor:
+    """One crop of ``length`` at an offset derived from the int64 ``draw``; short clips padded at random."""
+    samples = tf.shape(waveform, out_type=tf.int64)[0]
+    shortfall = tf.maximum(tf.constant(length, tf.int64) - samples, 0)
+    pad_left = tf.math.floormod(draw, shortfall + 1)
+    waveform = tf.pad(waveform, [[pad_left, shortfall - pad_left]])
+    spare = tf.shape(waveform, out_type=tf.int64)[0] - length
+    start = tf.math.floormod(tf.bitwise.right_shift(draw, 16), spare + 1)
+    crop = waveform[start : start + length]
+    crop.set_shape([length])
+    return crop
+
+
+def _waveforms_of(examples: Sequence[Example], waveforms: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    missing = [e.path for e in examples if e.path not in waveforms]
+    if missing:
+        raise DataError(
+            f"{len(missing)} example(s) have no decoded waveform (first: {missing[0]!r}); "
+            "build datasets from the AudioSplits that load_audio_splits returned"
+        )
+    return [waveforms[e.path] for e in examples]
+
+
+def make_audio_dataset(
+    examples: Sequence[Example],
+    class_names: Sequence[str],
+    waveforms: Mapping[str, np.ndarray],
+    clip_length: int,
+    batch_size: int = 32,
+    *,
+    training: bool = False,
+    seed: int = 0,
+    crops: int = 1,
+) -> tf.data.Dataset:
+    """A batched ``tf.data.Dataset`` of ``(waveform float32 (B, clip_length), targets (B, C))``.
+
+    Args:
+        examples: the split to serve; every path must be in ``waveforms``.
+        class_names: output order of the one-hot (or multi-hot) targets.
+        waveforms: decoded clips, e.g. :attr:`AudioSplits.waveforms`.
+        clip_length: samples per crop (see :func:`clip_samples`).
+        training: one random crop per clip per epoch, shuffled with ``seed`` (the same
+            seed gives the same crops and order; each epoch differs from the last).
+        crops: evaluation only: ``crops`` evenly spaced crops per clip as consecutive
+            rows (so the dataset holds ``len(examples) * crops`` rows); validation loss
+            and accuracy are then per crop. :func:`predict_clips` averages them per clip.
+    """
+    if not examples:
+        raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
+    if clip_length < 1:
+        raise DataError(f"clip length must be at least one sample, got {clip_length}")
+    waves = _waveforms_of(examples, waveforms)
+    targets = encode_labels(examples, class_names)
+    if not training:
+        rows = np.concatenate([fixed_crops(w, clip_length, crops) for w in waves])
+        ds = tf.data.Dataset.from_tensor_slices((rows, np.repeat(targets, crops, axis=0)))
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    lengths = np.array([len(w) for w in waves], np.int64)
+    ragged = tf.RaggedTensor.from_row_lengths(np.concatenate(waves).astype(np.float32), lengths)
+    ds = tf.data.Dataset.from_tensor_slices((ragged, targets))
+    ds = ds.shuffle(min(len(waves), 10_000), seed=seed, reshuffle_each_iteration=True)
+    # The draws come in the same order each epoch but meet other clips after the reshuffle,
+    # so crops change from epoch to epoch while staying reproducible for a seed.
+    draws = tf.data.Dataset.random(seed=seed)
+    ds = tf.data.Dataset.zip((ds, draws))
+    ds = ds.map(
+        lambda pair, draw: (_random_crop(tf.cast(pair[0], tf.float32), draw, clip_length), pair[1]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_clips(
+    predict: Callable[[np.ndarray], Any],
+    waveforms: Sequence[np.ndarray],
+    clip_length: int,
+    crops: int = 3,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Probabilities per clip, averaged over ``crops`` evenly spaced crops: ``(N, C)`` float32.
+
+    Args:
+        predict: maps a float32 batch ``(b, clip_length)`` to probabilities ``(b, C)``
+            (a Keras model, a serving function, ...).
+        waveforms: N clips, each ``(samples,)`` float32 at the model's rate.
+    """
+    if not waveforms:
+        raise DataError("predict_clips needs at least one clip")
+    rows = np.concatenate([fixed_crops(w, clip_length, crops) for w in waveforms])
+    outputs = [np.asarray(predict(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+    probabilities = np.concatenate(outputs).astype(np.float32)
+    return probabilities.reshape(len(waveforms), crops, -1).mean(axis=1)
+
