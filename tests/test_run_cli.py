@@ -91,7 +91,8 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path: Path, registered: Non
     assert json.loads((run / "run.json").read_text())["status"] == "training"
     epochs_before = [r["epoch"] for r in json.loads((run / "history.json").read_text())["epochs"]] if (
         run / "history.json").is_file() else []
-    meta = json.loads((run / "checkpoints" / "head" / "backup" / "training_metadata.json").read_text())
+    # The head stage trains on cached features (no augmentation), so its backup holds head weights.
+    meta = json.loads((run / "checkpoints" / "head" / "head_backup" / "training_metadata.json").read_text())
     assert meta["epoch"] == 2
     result = train(cfg)
     head_epochs = [r["stage_epoch"] for r in result.history.history if r["stage"] == "head"]
