@@ -65,12 +65,13 @@ def _dataset(x: np.ndarray, y: np.ndarray, size: int, batch: int, shuffle: bool,
     import keras
     import tensorflow as tf
 
-    # Upsample the 8x8 scans once, here, so every epoch reuses the resized pixels.
+    from tlkit.data import Batches
+
+    # Upsample the 8x8 scans once, here, so every epoch reuses the resized pixels. Batches
+    # (not a batched dataset) lets the head-only stage train on cached backbone features.
     resized = tf.image.resize(x, (size, size), method="bilinear").numpy()
-    ds = tf.data.Dataset.from_tensor_slices((resized, keras.utils.to_categorical(y, 10)))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+    examples = tf.data.Dataset.from_tensor_slices((resized, keras.utils.to_categorical(y, 10)))
+    return Batches(examples, len(x), batch, shuffle=shuffle, seed=seed)
 
 
 def run_demo(cfg: DemoConfig | None = None, verbose: bool = True) -> list[dict[str, Any]]:
@@ -86,29 +87,33 @@ def run_demo(cfg: DemoConfig | None = None, verbose: bool = True) -> list[dict[s
     train = _dataset(*data["train"], cfg.image_size, cfg.batch_size, True, cfg.seed)
     val = _dataset(*data["val"], cfg.image_size, cfg.batch_size, False, cfg.seed)
     test = _dataset(*data["test"], cfg.image_size, cfg.batch_size, False, cfg.seed)
-    steps = int(train.cardinality())
+    steps = train.steps
     epochs = cfg.head_epochs + cfg.fine_tune_epochs
+    # Pretrained: frozen BatchNorm (its ImageNet statistics are the point). Random init: every
+    # layer trains, BatchNorm included, as one would train from scratch.
     variants = [
-        ("pretrained (ImageNet)", "pretrained", Schedule((
+        ("pretrained (ImageNet)", "pretrained", HeadConfig(dropout=0.2), Schedule((
             Stage("head", cfg.head_epochs, 0, 1e-3),
             Stage("top", cfg.fine_tune_epochs, cfg.top_groups, 3e-4, group_lr_decay=0.5, warmup_epochs=1),
         )), f"head {cfg.head_epochs} ep, then top {cfg.top_groups} groups {cfg.fine_tune_epochs} ep"),
-        ("random init", None, Schedule((
+        ("random init", None, HeadConfig(dropout=0.2, bn_inference=False), Schedule((
             Stage("all", epochs, "all", 1e-3, warmup_epochs=1),
         )), f"all layers {epochs} ep"),
     ]
     rows = []
-    for title, weights, schedule, description in variants:
+    for title, weights, head, schedule, description in variants:
         keras.utils.set_random_seed(cfg.seed)
         model = build_classifier(
-            cfg.backbone, 10, weights=weights, head=HeadConfig(dropout=0.2), augmentation=None,
+            cfg.backbone, 10, weights=weights, head=head, augmentation=None,
             image_size=cfg.image_size, seed=cfg.seed,
         )
         start = time.monotonic()
         bars = [ProgressBar(epochs, steps, f"{title:22s}")] if verbose else []
         fine_tune(model, train, val, schedule, verbose=0, callbacks=bars)
+        for bar in bars:
+            bar.close()
         seconds = time.monotonic() - start
-        result = model.evaluate(test, verbose=0, return_dict=True)
+        result = model.evaluate(test.batched(), verbose=0, return_dict=True)
         rows.append({
             "model": title, "schedule": description, "epochs": epochs,
             "test_accuracy": float(result["accuracy"]), "train_seconds": seconds,

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """One bar over all epochs x steps of a ``fit``; shows the latest loss and accuracy."""
+    """One bar over all epochs x steps of one or several ``fit`` calls; shows the latest loss and accuracy."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, description: str = "training") -> None:
         super().__init__()
@@ -18,7 +18,9 @@ class ProgressBar(keras.callbacks.Callback):
         self.bar: Any = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.bar = tqdm(total=self.total, desc=self.description, unit="step", leave=True, dynamic_ncols=True)
+        # One bar across the stages of a schedule (each stage is its own `fit`).
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc=self.description, unit="step", leave=True, dynamic_ncols=True)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self.bar.update(1)
@@ -33,5 +35,10 @@ class ProgressBar(keras.callbacks.Callback):
             )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.bar is not None and self.bar.n >= self.total:
+            self.bar.close()
+
+    def close(self) -> None:
+        """Closes the bar (e.g. when early stopping ended training before the last step)."""
         if self.bar is not None:
             self.bar.close()
