@@ -33,6 +33,7 @@ from tlkit.errors import (
     UnsafeCheckpointError,
     WeightsUnavailableError,
 )
+from tlkit.export import ExportReport, export_run
 from tlkit.finetune import FineTuneResult, Schedule, Stage, fine_tune
 from tlkit.layers import ImageNormalization
 from tlkit.model import HeadConfig, ImageAugmentation, build_classifier, split_head
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ExportError",
+    "ExportReport",
     "FineTuneResult",
     "HeadConfig",
     "ImageAugmentation",
@@ -61,6 +63,7 @@ __all__ = [
     "__version__",
     "available_offline",
     "build_classifier",
+    "export_run",
     "fine_tune",
     "get",
     "list_backbones",
