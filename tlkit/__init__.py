@@ -9,6 +9,12 @@ The public API (pinned by ``tests/test_public_api.py``)::
 
 from __future__ import annotations
 
+import os as _os
+
+# TensorFlow's C++ INFO/WARNING chatter (oneDNN, CUDA probing) before it is imported; a user's
+# own TF_CPP_MIN_LOG_LEVEL wins.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __version__ = "0.1.0"
 
 from tlkit.backbones import (
