@@ -115,9 +115,13 @@ def test_savedmodel_backbone_is_trainable_in_keras3(tmp_path: Path) -> None:
 def test_backbones_cli_lists_registry() -> None:
     out = subprocess.run([sys.executable, "-m", "tlkit.cli", "backbones"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for name in ("resnet50", "mobilenet_v2", "hub_inception_v3", "efficientnet_lite0"):
-        assert name in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:] if line.strip()}
+    for name in ("resnet50", "mobilenet_v2", "hub_inception_v3", "efficientnet_lite0", "whisper_tiny_en_encoder"):
+        assert name in rows, name
     assert "offline" in out.stdout.splitlines()[0]
+    # Weights shipped inside installed packages are available offline; hub handles are not.
+    assert rows["efficientnet_lite0"][-1] == "yes" and rows["whisper_tiny_en_encoder"][-1] == "yes"
+    assert rows["hub_inception_v3"][-1] == "no"
 
 
 def test_register_rejects_duplicates() -> None:

@@ -162,3 +162,27 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     yaml_cfg = tmp_path / "c.yaml"
     yaml_cfg.write_text("data:\n  path: d\nschedule:\n  stages:\n    - {name: a, epochs: 1}\n")
     assert load_config(yaml_cfg).schedule.stages[0].name == "a"
+
+
+@pytest.mark.slow
+def test_readme_example_config_trains_offline(tmp_path: Path) -> None:
+    """The README's `tlkit train examples/digits.toml` on real digits with EfficientNet-Lite0
+    (pretrained, offline), shortened to one epoch per stage."""
+    from dataclasses import replace
+
+    from tlkit.finetune import Schedule
+    from tlkit.sample_data import write_digits
+
+    data = write_digits(tmp_path / "digits", per_class=6)
+    example = load_config(REPO / "examples" / "digits.toml")
+    cfg = replace(
+        example,
+        output_dir=str(tmp_path / "run"),
+        data=replace(example.data, path=str(data)),
+        schedule=Schedule(tuple(replace(s, epochs=1) for s in example.schedule.stages)),
+        training=replace(example.training, verbose=0),
+    )
+    result = train(cfg)
+    assert (result.run_dir / "model.keras").is_file()
+    assert json.loads((result.run_dir / "run.json").read_text())["backbone"] == "efficientnet_lite0"
+    assert len(json.loads((result.run_dir / "labels.json").read_text())) == 10
