@@ -1,0 +1,427 @@
+"""Why did the model say that? Grad-CAM for image classifiers, gradient saliency for audio.
+
+Grad-CAM (Selvaraju et al., 2017) weights each channel ``k`` of a spatial activation
+``A`` (B, h, w, K) by the mean gradient of the class score (the *logit*, before the
+softmax, so a saturated probability does not flatten the map) with respect to it:
+``cam = relu(sum_k mean_ij(d score / d A_ijk) * A_k)``, upsampled to the input image.
+
+How the activation is reached depends on where the backbone came from:
+
+- **nested Keras backbone** (Keras applications, ``.keras`` files, builders): the last
+  backbone layer with a 4-D output (overridable with ``layer=``). The classifier's
+  forward pass is re-run layer by layer: the layers before ``backbone``, then a
+  sub-model of the backbone returning ``(activation, backbone output)``, then the head.
+- **opaque backbone** (:class:`~tlkit.backbones.hub.SavedModelBackbone`, no inner
+  layers): Grad-CAM on the backbone's own output when it is spatial, otherwise a
+  gradient saliency map (``|d score / d input|``, max over colour channels). The
+  :class:`Explanation` says which method was used, and a warning is logged.
+- **models without a ``backbone`` layer**: the last 4-D layer of the model itself.
+
+Audio models (input ``waveform``): :func:`audio_saliency` gives ``|d score / d features|``
+over the output of the layer named ``frontend`` (e.g. a log-mel spectrogram).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkit.errors import ConfigError
+
+log = logging.getLogger("tlkit.explain")
+
+__all__ = ["Explanation", "audio_saliency", "explain_images", "find_spatial_layer", "grad_cam", "overlay"]
+
+BACKBONE_LAYER = "backbone"
+LOGITS_LAYER = "logits"
+FRONTEND_LAYER = "frontend"
+
+
+@dataclass
+class Explanation:
+    """Heatmaps for a batch and how they were made.
+
+    Attributes:
+        heatmaps: (B, H, W) float32 in [0, 1]; images: the input's H, W; audio: (B, frames, n_mels).
+        class_index: (B,) the class each map explains.
+        probabilities: (B, num_classes) the model's output for the batch.
+        method: ``"grad-cam"``, ``"grad-cam (backbone output)"`` or ``"saliency"``.
+        layer: the layer whose activation was used (``None`` for saliency on the input).
+        note: one sentence for reports, e.g. why a fallback was used.
+    """
+
+    heatmaps: np.ndarray
+    class_index: np.ndarray
+    probabilities: np.ndarray
+    method: str
+    layer: str | None
+    note: str = ""
+
+
+def grad_cam(
+    model: keras.Model,
+    images: np.ndarray,
+    class_index: int | Sequence[int] | None = None,
+    layer: str | None = None,
+) -> np.ndarray:
+    """Grad-CAM heatmaps of a tlkit image classifier.
+
+    Args:
+        model: a classifier from :func:`tlkit.build_classifier` (or a run's ``model.keras``).
+        images: (B, H, W, 3) raw pixels 0..255 (the model's own input), or one (H, W, 3) image.
+        class_index: the class to explain: ``None`` = each image's predicted class, an int
+            for all images, or one index per image.
+        layer: a backbone layer name (or a layer of the model itself, e.g. ``"backbone"``
+            for its output); default: the backbone's last layer with a 4-D output.
+
+    Returns:
+        (B, H, W) float32 heatmaps in [0, 1] at the input images' size. For an opaque
+        SavedModel backbone with pooled output this is a gradient saliency map instead
+        (see :func:`explain_images`, whose result names the method).
+    """
+    return explain_images(model, images, class_index, layer).heatmaps
+
+
+def explain_images(
+    model: keras.Model,
+    images: np.ndarray,
+    class_index: int | Sequence[int] | None = None,
+    layer: str | None = None,
+    batch_size: int = 16,
+) -> Explanation:
+    """Grad-CAM (or the saliency fallback) with the method used; arguments as :func:`grad_cam`."""
+    batch = np.asarray(images, np.float32)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ConfigError(f"grad_cam takes images shaped (B, H, W, 3) or (H, W, 3), got {batch.shape}")
+    targets = _class_targets(class_index, len(batch))
+    explainer = _ImageExplainer(model, layer)
+    maps, classes, probabilities = [], [], []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start : start + batch_size]
+        wanted = None if targets is None else targets[start : start + batch_size]
+        heat, cls, probs = explainer(chunk, wanted)
+        maps.append(heat)
+        classes.append(cls)
+        probabilities.append(probs)
+    if explainer.note:
+        log.warning("%s", explainer.note)
+    return Explanation(
+        np.concatenate(maps), np.concatenate(classes), np.concatenate(probabilities),
+        explainer.method, explainer.layer_name, explainer.note,
+    )
+
+
+def find_spatial_layer(network: keras.Model) -> str:
+    """The name of the last layer of ``network`` whose output is 4-D (B, h, w, C).
+
+    Raises:
+        ConfigError: no layer has a 4-D output.
+    """
+    for candidate in reversed(network.layers):
+        if isinstance(candidate, keras.layers.InputLayer):
+            continue
+        try:
+            shape = candidate.output.shape
+        except (AttributeError, ValueError):  # a layer used twice has no single output
+            continue
+        if len(shape) == 4:
+            return candidate.name
+    raise ConfigError(
+        f"model {network.name!r} has no layer with a 4-D (spatial) output for Grad-CAM; "
+        "pass layer=<name> or use a backbone with spatial features"
+    )
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
+    """The heatmap drawn over the image.
+
+    Args:
+        image: (H, W, 3) pixels 0..255 (float or uint8).
+        heatmap: (h, w) values in [0, 1]; resized (bilinear) to (H, W) when needed.
+        alpha: weight of the heatmap colours.
+        colormap: a matplotlib colormap name.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    import matplotlib
+
+    pixels = np.clip(np.asarray(image, np.float32), 0, 255)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0.0, 1.0)
+    if heat.shape != pixels.shape[:2]:
+        resized = tf.image.resize(heat[..., None], pixels.shape[:2], method="bilinear")
+        heat = np.clip(resized.numpy()[..., 0], 0.0, 1.0)
+    colours = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
+    blended = (1.0 - alpha) * pixels + alpha * colours
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def audio_saliency(
+    model: keras.Model,
+    waveforms: np.ndarray,
+    class_index: int | Sequence[int] | None = None,
+) -> Explanation:
+    """Gradient saliency of an audio classifier over its front-end features.
+
+    The model must be a chain of layers with one named ``frontend`` (e.g. the log-mel
+    layer tlkit puts after the ``waveform`` input). The map is ``|d score / d features|``
+    of the class logit, normalised per example.
+
+    Args:
+        waveforms: (B, samples) float32 in -1..1, or one (samples,) clip.
+        class_index: as in :func:`grad_cam`.
+
+    Returns:
+        An :class:`Explanation` whose heatmaps are (B, frames, n_mels) in [0, 1].
+    """
+    batch = np.asarray(waveforms, np.float32)
+    if batch.ndim == 1:
+        batch = batch[None]
+    layers = _chain(model)
+    names = [item.name for item in layers]
+    if FRONTEND_LAYER not in names:
+        raise ConfigError(
+            f"model {model.name!r} has no layer named {FRONTEND_LAYER!r}; audio saliency needs the front-end "
+            "(e.g. the log-mel layer) as a named layer"
+        )
+    split = names.index(FRONTEND_LAYER) + 1
+    targets = _class_targets(class_index, len(batch))
+    x = tf.convert_to_tensor(batch)
+    features = _run(layers[:split], x)
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        score_source, probabilities = _run_head(layers[split:], features)
+        classes = _choose(probabilities, targets)
+        score = _score(score_source, classes)
+    gradient = tape.gradient(score, features)
+    if gradient is None:
+        raise ConfigError(f"no gradient reaches the {FRONTEND_LAYER!r} output of model {model.name!r}")
+    _check_chain(model, x, probabilities)
+    saliency = tf.abs(tf.cast(gradient, tf.float32))
+    if saliency.shape.rank > 3:  # e.g. (B, frames, mels, 1)
+        saliency = tf.reduce_max(saliency, axis=list(range(3, saliency.shape.rank)))
+    return Explanation(
+        _normalise(saliency.numpy()), classes, np.asarray(probabilities, np.float32), "saliency",
+        FRONTEND_LAYER, "gradient saliency over the front-end features",
+    )
+
+
+# --- internals -------------------------------------------------------------------------
+
+
+class _ImageExplainer:
+    """Re-runs a classifier's forward pass so the chosen activation's gradient is reachable."""
+
+    def __init__(self, model: keras.Model, layer: str | None) -> None:
+        self.model = model
+        self.layers = _chain(model)
+        self.note = ""
+        names = [item.name for item in self.layers]
+        backbone = model.get_layer(BACKBONE_LAYER) if BACKBONE_LAYER in names else None
+        self.backbone_index = names.index(BACKBONE_LAYER) if backbone is not None else -1
+        self.inner: keras.Model | None = None
+        self.flat: keras.Model | None = None
+        if backbone is None:
+            # Not a tlkit classifier: any functional model, Grad-CAM on its own layers.
+            self.layer_name = layer or find_spatial_layer(model)
+            self.method = "grad-cam"
+            score_layer = LOGITS_LAYER if LOGITS_LAYER in names else None
+            outputs = [model.get_layer(self.layer_name).output, model.outputs[0]]
+            if score_layer is not None:
+                outputs.append(model.get_layer(score_layer).output)
+            self.flat = keras.Model(model.inputs, outputs, name="grad_cam")
+        elif layer == BACKBONE_LAYER or (layer is None and not isinstance(backbone, keras.Model)):
+            self.layer_name = BACKBONE_LAYER
+            spatial = len(backbone.output.shape) == 4 if isinstance(backbone, keras.Model) else \
+                self._output_rank(backbone) == 4
+            if spatial:
+                self.method = "grad-cam (backbone output)"
+                if not isinstance(backbone, keras.Model):
+                    self.note = (
+                        "the backbone is an opaque layer (e.g. a SavedModel) with no inner layers, so "
+                        "Grad-CAM uses its spatial output"
+                    )
+            else:
+                self.method = "saliency"
+                self.layer_name = None
+                self.note = (
+                    "the backbone is an opaque layer (e.g. a SavedModel) with pooled output and no "
+                    "spatial layer to use, so the maps are gradient saliency (|d score / d pixel|), not Grad-CAM"
+                )
+        else:
+            if not isinstance(backbone, keras.Model):
+                raise ConfigError(
+                    f"layer={layer!r}: the backbone of {model.name!r} is an opaque SavedModel with no inner layers; "
+                    f"use layer=None or layer={BACKBONE_LAYER!r}"
+                )
+            if layer is not None and layer not in {item.name for item in backbone.layers}:
+                raise ConfigError(
+                    f"layer={layer!r} is not a layer of backbone {backbone.name!r}; spatial candidates are "
+                    f"{_spatial_names(backbone)[-8:]}"
+                )
+            self.layer_name = layer or find_spatial_layer(backbone)
+            target = backbone.get_layer(self.layer_name).output
+            if len(target.shape) != 4:
+                raise ConfigError(
+                    f"layer {self.layer_name!r} outputs {tuple(target.shape)}, not a 4-D (B, h, w, C) activation"
+                )
+            self.method = "grad-cam"
+            self.inner = keras.Model(backbone.inputs, [target, backbone.outputs[0]], name="backbone_to_layer")
+        self.checked = False
+
+    def _output_rank(self, backbone: keras.layers.Layer) -> int:
+        pool_index = self.backbone_index + 1
+        if pool_index < len(self.layers):
+            try:
+                return len(self.layers[pool_index].input.shape)
+            except (AttributeError, ValueError):
+                pass
+        return 2
+
+    def __call__(self, images: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = tf.convert_to_tensor(images)
+        size = images.shape[1:3]
+        if self.flat is not None:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outputs = self.flat(x, training=False)
+                activation, probabilities = outputs[0], outputs[1]
+                score_source = outputs[2] if len(outputs) > 2 else _log(probabilities)
+                classes = _choose(probabilities, targets)
+                score = _score(score_source, classes)
+            return self._cam(tape, score, activation, size), classes, np.asarray(probabilities, np.float32)
+        before = self.layers[: self.backbone_index]
+        backbone = self.layers[self.backbone_index]
+        after = self.layers[self.backbone_index + 1 :]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h = _run(before, x)
+            if self.method == "saliency":
+                tape.watch(h)
+                features = backbone(h, training=False)
+                activation = h
+            elif self.inner is not None:
+                activation, features = self.inner(h, training=False)
+            else:
+                features = backbone(h, training=False)
+                activation = features
+            score_source, probabilities = _run_head(after, features)
+            classes = _choose(probabilities, targets)
+            score = _score(score_source, classes)
+        if not self.checked:
+            _check_chain(self.model, x, probabilities)
+            self.checked = True
+        if self.method == "saliency":
+            gradient = tape.gradient(score, activation)
+            if gradient is None:
+                raise ConfigError(f"no gradient reaches the input of the backbone of {self.model.name!r}")
+            saliency = tf.reduce_max(tf.abs(tf.cast(gradient, tf.float32)), axis=-1, keepdims=True)
+            heat = tf.image.resize(saliency, size, method="bilinear")[..., 0].numpy()
+            return _normalise(heat, percentile=99.0), classes, np.asarray(probabilities, np.float32)
+        return self._cam(tape, score, activation, size), classes, np.asarray(probabilities, np.float32)
+
+    def _cam(self, tape: tf.GradientTape, score: tf.Tensor, activation: tf.Tensor, size: tuple[int, int]) -> np.ndarray:
+        gradient = tape.gradient(score, activation)
+        if gradient is None:
+            raise ConfigError(f"no gradient reaches layer {self.layer_name!r} of {self.model.name!r}")
+        activation = tf.cast(activation, tf.float32)
+        weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2), keepdims=True)  # (B, 1, 1, K)
+        cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1, keepdims=True))  # (B, h, w, 1)
+        cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
+        return _normalise(cam.numpy())
+
+
+def _chain(model: keras.Model) -> list[keras.layers.Layer]:
+    """The model's layers after its input, in order (tlkit classifiers are a single chain)."""
+    if len(model.inputs) != 1:
+        raise ConfigError(f"model {model.name!r} has {len(model.inputs)} inputs; explanations need one")
+    return [item for item in model.layers if not isinstance(item, keras.layers.InputLayer)]
+
+
+def _run(layers: Sequence[keras.layers.Layer], x: Any) -> Any:
+    for item in layers:
+        x = item(x, training=False)
+    return x
+
+
+def _run_head(layers: Sequence[keras.layers.Layer], x: Any) -> tuple[Any, Any]:
+    """Runs the head; returns ``(score source, probabilities)``: the logits when the
+    head has a layer named ``logits``, else the log of the probabilities."""
+    logits = None
+    for item in layers:
+        x = item(x, training=False)
+        if item.name == LOGITS_LAYER:
+            logits = x
+    return (logits if logits is not None else _log(x)), x
+
+
+def _log(probabilities: Any) -> Any:
+    return tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), 1e-12))
+
+
+def _choose(probabilities: Any, targets: np.ndarray | None) -> np.ndarray:
+    if targets is not None:
+        return targets
+    return np.argmax(np.asarray(probabilities), axis=-1).astype(np.int64)
+
+
+def _score(score_source: Any, classes: np.ndarray) -> tf.Tensor:
+    scores = tf.cast(score_source, tf.float32)
+    if scores.shape.rank != 2:
+        raise ConfigError(f"the classifier's scores have shape {tuple(scores.shape)}; expected (B, num_classes)")
+    num_classes = int(scores.shape[-1])
+    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ConfigError(f"class_index {classes.tolist()} out of range for {num_classes} classes")
+    return tf.reduce_sum(scores * tf.one_hot(classes, num_classes))
+
+
+def _class_targets(class_index: int | Sequence[int] | None, count: int) -> np.ndarray | None:
+    if class_index is None:
+        return None
+    targets = np.asarray(class_index, np.int64).reshape(-1)
+    if targets.size == 1:
+        return np.full(count, int(targets[0]), np.int64)
+    if targets.size != count:
+        raise ConfigError(f"class_index has {targets.size} entries for {count} examples")
+    return targets
+
+
+def _check_chain(model: keras.Model, x: tf.Tensor, probabilities: Any) -> None:
+    """Guards the layer-by-layer replay: it must reproduce the model's own output."""
+    expected = np.asarray(model(x, training=False), np.float32)
+    got = np.asarray(probabilities, np.float32)
+    if expected.shape != got.shape or not np.allclose(expected, got, atol=1e-3):
+        raise ConfigError(
+            f"model {model.name!r} is not a plain chain of layers (re-running its layers in order does not "
+            "reproduce its output), so explanations cannot be computed for it"
+        )
+
+
+def _normalise(maps: np.ndarray, percentile: float | None = None) -> np.ndarray:
+    """Per-example scaling to [0, 1] by the maximum (or a percentile, for spiky saliency)."""
+    maps = np.nan_to_num(np.asarray(maps, np.float32))
+    flat = maps.reshape(len(maps), -1)
+    top = np.percentile(flat, percentile, axis=1) if percentile is not None else flat.max(axis=1)
+    top = np.where(top > 0, top, 1.0).reshape((-1,) + (1,) * (maps.ndim - 1))
+    return np.clip(maps / top, 0.0, 1.0).astype(np.float32)
+
+
+def _spatial_names(network: keras.Model) -> list[str]:
+    names = []
+    for item in network.layers:
+        try:
+            if len(item.output.shape) == 4:
+                names.append(item.name)
+        except (AttributeError, ValueError):
+            continue
+    return names
