@@ -208,3 +208,11 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_single_device() -> None:
     mirrored, single = out["mirrored"]["loss"], out["single"]["loss"]
     assert mirrored[-1] < mirrored[0]
     np.testing.assert_allclose(mirrored, single, rtol=0.02, atol=0.02)
+
+
+def test_head_only_schedule_leaves_a_compiled_model(tiny_backbone: object) -> None:
+    model = build_classifier("tiny_test", 3, augmentation=None)
+    result = fine_tune(model, _batches(), _batches(), Schedule.feature_extraction(epochs=1), verbose=0)
+    assert result.feature_seconds > 0
+    values = model.evaluate(_batches().batched(), verbose=0, return_dict=True)
+    assert "accuracy" in values

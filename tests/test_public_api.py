@@ -5,11 +5,11 @@ from __future__ import annotations
 import tlkit
 
 PUBLIC = {
-    "AudioFrontend", "BackboneNotFoundError", "BackboneSpec", "ConfigError", "DataError", "ExportError",
+    "AudioFrontend", "BackboneNotFoundError", "BackboneSpec", "ConfigError", "DataError", "EvaluationReport", "ExportError",
     "ExportReport", "FineTuneResult", "HeadConfig", "ImageAugmentation", "ImageNormalization",
     "ImagePreprocessing", "IntegrityError", "RunConfig", "RunResult", "Schedule", "Stage", "TlkitError",
     "UnsafeCheckpointError", "WeightsUnavailableError", "__version__", "available_offline", "build_classifier",
-    "export_run", "fine_tune", "get", "list_backbones", "load_backbone", "load_config", "load_run_model",
+    "evaluate_run", "export_run", "fine_tune", "get", "grad_cam", "list_backbones", "load_backbone", "load_config", "load_run_model",
     "prefetch", "register", "split_head", "train",
 }
 

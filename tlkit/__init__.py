@@ -39,6 +39,8 @@ from tlkit.errors import (
     UnsafeCheckpointError,
     WeightsUnavailableError,
 )
+from tlkit.evaluate import EvaluationReport, evaluate_run
+from tlkit.explain import grad_cam
 from tlkit.export import ExportReport, export_run
 from tlkit.finetune import FineTuneResult, Schedule, Stage, fine_tune
 from tlkit.layers import ImageNormalization
@@ -51,6 +53,7 @@ __all__ = [
     "BackboneSpec",
     "ConfigError",
     "DataError",
+    "EvaluationReport",
     "ExportError",
     "ExportReport",
     "FineTuneResult",
@@ -69,9 +72,11 @@ __all__ = [
     "__version__",
     "available_offline",
     "build_classifier",
+    "evaluate_run",
     "export_run",
     "fine_tune",
     "get",
+    "grad_cam",
     "list_backbones",
     "load_backbone",
     "load_config",

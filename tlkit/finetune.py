@@ -24,7 +24,14 @@ import tensorflow as tf
 
 from tlkit.data.batches import Batches
 from tlkit.errors import ConfigError
-from tlkit.model import HeadConfig, backbone_groups, classification_loss, classification_metrics, split_head
+from tlkit.model import (
+    FEATURES_LAYER,
+    HeadConfig,
+    backbone_groups,
+    classification_loss,
+    classification_metrics,
+    split_head,
+)
 
 
 @dataclass(frozen=True)
@@ -379,6 +386,15 @@ def fine_tune(
         )
         if run is not None:
             _write_merged(run, records)
+    if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
+        # Every stage ran on cached features (only the head model was compiled): leave the
+        # full model compiled too, so evaluate/fit work on it as after any other schedule.
+        with strategy.scope():
+            model.compile(
+                optimizer=keras.optimizers.Adam(schedule.stages[-1].learning_rate),
+                loss=loss,
+                metrics=list(metrics) if metrics is not None else classification_metrics(head, num_classes),
+            )
     result.history = list(records)
     result.seconds = time.monotonic() - start
     scratch.cleanup()
@@ -393,11 +409,14 @@ def _cache_applies(model: keras.Model, train: Any, validation: Any, mode: str) -
     """Features can stand in for images: no random augmentation, and tlkit batches the data."""
     if mode == "off":
         return False
-    has_augment = any(layer.name == "augment" for layer in model.layers)
+    # Random augmentation, or a pooling layer that trains (attention pooling), means the
+    # features are not fixed during a head-only stage.
+    has_augment = any(layer.name == "augment" or (layer.name == FEATURES_LAYER and layer.trainable_weights)
+                      for layer in model.layers)
     batchable = isinstance(train, Batches) and (validation is None or isinstance(validation, Batches))
     if mode != "auto" and (has_augment or not batchable):
         raise ConfigError(
-            "feature_cache needs un-augmented input and data given as tlkit Batches "
+            "feature_cache needs un-augmented input, fixed pooling and data given as tlkit Batches "
             "(tlkit.data.make_batches); build the model with augmentation=None or use feature_cache='auto'"
         )
     return not has_augment and batchable
