@@ -31,6 +31,7 @@ def test_augmentation_only_in_training(tiny_backbone: object) -> None:
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     a, b = model(x, training=False), model(x, training=False)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model(x), a)  # a direct call does not augment either
     assert not np.allclose(model(x, training=True), a)
 
 

@@ -60,12 +60,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from tlkit.predict import load_image, load_predictor, top_k
+    from tlkit.predict import load_predictor, predict_file, top_k
 
     predictor = load_predictor(args.target)
     results = []
     for file in args.files:
-        probabilities = predictor.predict_one(load_image(file))
+        probabilities = predict_file(predictor, file, target=args.target, crops=args.crops)
         results.append({"file": file, "top": top_k(probabilities, predictor.labels, args.top_k)})
     if args.json:
         print(json.dumps(results, indent=1))
@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify files with a run directory or an exported model")
     p.add_argument("target", help="run directory, exported SavedModel directory or .tflite file")
-    p.add_argument("files", nargs="+", help="image files")
+    p.add_argument("files", nargs="+", help="image or audio files (wav, flac, ogg, mp3)")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--crops", type=int, default=None,
+                   help="audio: crops averaged per file (default: the run's eval_crops)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
 

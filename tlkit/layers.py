@@ -63,3 +63,18 @@ class ImageNormalization(keras.layers.Layer):
             "std": list(self.std),
             "channel_order": self.channel_order,
         }
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class TrainingOnly(keras.Sequential):
+    """A ``Sequential`` of random augmentation layers that is the identity unless ``training=True``.
+
+    Keras's random layers default to ``training=True`` when a model is called directly
+    (``model(x)``); wrapped here, a direct call, ``predict`` and every export see the
+    un-augmented input, and only ``fit`` (which passes ``training=True``) augments.
+    """
+
+    def call(self, inputs: Any, training: bool = False, mask: Any = None) -> Any:
+        if not training:
+            return inputs
+        return super().call(inputs, training=True, mask=mask)

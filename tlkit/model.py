@@ -22,7 +22,7 @@ from tlkit.backbones.loading import load_backbone
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
 from tlkit.errors import ConfigError
-from tlkit.layers import ImageNormalization
+from tlkit.layers import ImageNormalization, TrainingOnly
 
 FEATURES_LAYER = "pool"
 HEAD_LAYER_PREFIXES = ("dropout", "hidden_", "logits", "probabilities")
@@ -37,7 +37,9 @@ class HeadConfig:
         dropout: dropout rate before each Dense layer of the head (0 disables it).
         multi_label: sigmoid outputs and binary cross-entropy instead of softmax.
         label_smoothing: passed to the loss.
-        pooling: how spatial or sequence features are reduced: ``"avg"`` or ``"max"``.
+        pooling: how spatial or sequence features are reduced: ``"avg"``, ``"max"`` or
+            ``"attention"`` (a learned softmax weighting over time steps or positions,
+            :class:`AttentionPooling`, whose weights are never frozen by a stage).
         bn_inference: keep every BatchNorm layer of the backbone frozen and in inference
             mode, in thawed groups too, as Keras's transfer-learning guide advises for
             small datasets. ``False`` lets BatchNorm layers of thawed groups train.
@@ -47,7 +49,7 @@ class HeadConfig:
     dropout: float = 0.2
     multi_label: bool = False
     label_smoothing: float = 0.0
-    pooling: Literal["avg", "max"] = "avg"
+    pooling: Literal["avg", "max", "attention"] = "avg"
     bn_inference: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class HeadConfig:
             raise ConfigError(f"head dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.pooling not in ("avg", "max", "attention"):
+            raise ConfigError(f"head pooling must be 'avg', 'max' or 'attention', got {self.pooling!r}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class ImageAugmentation:
         if self.brightness:
             low, high = _value_range(spec.preprocessing)  # type: ignore[arg-type]
             layers.append(keras.layers.RandomBrightness(self.brightness, value_range=(low, high), seed=seed))
-        return keras.Sequential(layers, name="augment")
+        return TrainingOnly(layers, name="augment")
 
 
 class Augmentation(Protocol):
@@ -213,10 +217,40 @@ def _audio_input(spec: BackboneSpec) -> tuple[Any, Any]:
     return inputs, inputs
 
 
+@keras.saving.register_keras_serializable(package="tlkit")
+class AttentionPooling(keras.layers.Layer):
+    """Attention pooling: ``sum_t softmax_t(x_t . w + b) * x_t``.
+
+    Input: (B, T, C) sequence features, or (B, h, w, C) spatial features (positions
+    flattened). Output: (B, C). One learned score per step; its C + 1 weights are outside
+    the backbone's layer groups, so staged unfreezing never freezes them.
+    """
+
+    def build(self, input_shape: Any) -> None:
+        channels = int(input_shape[-1])
+        self.score = self.add_weight(
+            name="score", shape=(channels, 1), initializer="glorot_uniform", trainable=True
+        )
+        self.score_bias = self.add_weight(name="score_bias", shape=(1,), initializer="zeros", trainable=True)
+
+    def call(self, inputs: Any) -> Any:
+        x = inputs
+        if len(x.shape) == 4:
+            x = keras.ops.reshape(x, (keras.ops.shape(x)[0], -1, keras.ops.shape(x)[-1]))
+        logits = keras.ops.matmul(x, keras.ops.cast(self.score, x.dtype)) + keras.ops.cast(self.score_bias, x.dtype)
+        weights = keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=1)
+        return keras.ops.sum(keras.ops.cast(weights, x.dtype) * x, axis=1)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return (input_shape[0], input_shape[-1])
+
+
 def _pool(spec: BackboneSpec, x: Any, pooling: str) -> Any:
     rank = len(x.shape)
     if rank == 2:
         return keras.layers.Identity(name=FEATURES_LAYER)(x)
+    if pooling == "attention" and rank in (3, 4):
+        return AttentionPooling(name=FEATURES_LAYER)(x)
     if rank == 3:
         layer = keras.layers.GlobalAveragePooling1D if pooling == "avg" else keras.layers.GlobalMaxPooling1D
     elif rank == 4:
@@ -250,7 +284,7 @@ def split_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     Training ``head`` trains the full model's head, since the layer objects are shared.
     """
     features = model.get_layer(FEATURES_LAYER).output
-    extractor = keras.Model(model.inputs, features, name="feature_extractor")
+    extractor = keras.Model(model.input, features, name="feature_extractor")
     head_input = keras.Input(shape=features.shape[1:], dtype=features.dtype, name="features")
     x = head_input
     for layer in model.layers:

@@ -2,6 +2,11 @@
 
 A predictor takes raw input (image pixels 0..255 of any size, or a waveform) and returns
 class probabilities; the preprocessing lives inside the model.
+
+:func:`predict_file` is what ``tlkit predict`` runs per file: an image is decoded and
+passed whole; an audio file (by suffix, or any file when the model takes a waveform) is
+decoded to mono at the model's sample rate and, when the model was trained on fixed
+crops, scored as the mean probabilities of several evenly spaced crops.
 """
 
 from __future__ import annotations
@@ -25,13 +30,30 @@ class Predictor(Protocol):
 
 @dataclass
 class KerasPredictor:
-    """Wraps a Keras classifier (e.g. a run's ``model.keras``)."""
+    """Wraps a Keras classifier (e.g. a run's ``model.keras``).
+
+    Audio models also carry their input contract: ``sample_rate`` (Hz), and the crop
+    length ``clip_seconds`` and number of crops ``crops`` that :func:`predict_file`
+    averages (``None``: score the whole clip at once).
+    """
 
     model: Any
     labels: list[str]
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
+    crops: int = 1
 
     def predict_one(self, example: np.ndarray) -> np.ndarray:
         return np.asarray(self.model(example[None].astype(np.float32), training=False))[0]
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """How an audio model wants a clip: rate, crop length in samples (``None``: whole clip), crops."""
+
+    sample_rate: int
+    clip_samples: int | None = None
+    crops: int = 1
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -53,7 +75,18 @@ def load_predictor(target: str | Path) -> Predictor:
         from tlkit.run import load_run_model
 
         model, labels = load_run_model(path)
-        return KerasPredictor(model, labels)
+        if not _takes_waveform(model):
+            return KerasPredictor(model, labels)
+        status = _read_json(path / "run.json")
+        rate = status.get("sample_rate") or _model_sample_rate(model, path)
+        clip = status.get("clip_seconds")
+        if clip is None:
+            clip = _read_json(path / "config.json").get("data", {}).get("clip_seconds")
+        crops = status.get("eval_crops") or _read_json(path / "config.json").get("data", {}).get("eval_crops", 1)
+        return KerasPredictor(
+            model, labels, sample_rate=int(rate) if rate else None,
+            clip_seconds=float(clip) if clip else None, crops=int(crops),
+        )
     try:
         from tlkit.export import load_exported_predictor
     except ImportError:
@@ -71,3 +104,110 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int = 3) -> list[tupl
     """The ``k`` most probable labels with their probabilities, best first."""
     order = np.argsort(-probabilities)[:k]
     return [(labels[i], float(probabilities[i])) for i in order]
+
+
+def audio_input(predictor: Any, target: str | Path | None = None) -> AudioInput | None:
+    """The audio contract of ``predictor``, or ``None`` when it takes images.
+
+    Read from the predictor's own ``sample_rate`` / ``clip_seconds`` / ``crops`` attributes
+    (run directories), else from ``metadata.json`` beside an exported ``target``
+    (``sample_rate``), with a TFLite model's fixed input length as its crop.
+
+    Raises:
+        ConfigError: the model takes a waveform but its sample rate cannot be found.
+    """
+    rate = getattr(predictor, "sample_rate", None)
+    metadata = _metadata_beside(target) if target is not None else {}
+    model = getattr(predictor, "model", None)
+    takes_audio = (
+        rate is not None
+        or getattr(predictor, "input_name", None) == "waveform"
+        or metadata.get("modality") == "audio"
+        or (model is not None and _takes_waveform(model))
+        or len(getattr(predictor, "input_shape", ()) or ()) == 2
+    )
+    if not takes_audio:
+        return None
+    rate = rate or metadata.get("sample_rate")
+    if not rate:
+        raise ConfigError(
+            f"the model {str(target) if target else ''!r} takes a waveform but its sample rate is unknown "
+            "(no sample_rate in run.json or metadata.json); re-run or re-export it with this tlkit"
+        )
+    fixed = getattr(predictor, "input_shape", None)
+    if fixed and len(fixed) == 2:  # TFLite: (1, samples), one fixed-length crop per call
+        return AudioInput(int(rate), int(fixed[1]), max(1, int(getattr(predictor, "crops", 1) or 1)))
+    seconds = getattr(predictor, "clip_seconds", None)
+    if not seconds:
+        return AudioInput(int(rate))
+    from tlkit.data.audio import clip_samples
+
+    return AudioInput(int(rate), clip_samples(float(seconds), int(rate)), max(1, int(getattr(predictor, "crops", 1))))
+
+
+def predict_file(
+    predictor: Any, path: str | Path, *, target: str | Path | None = None, crops: int | None = None
+) -> np.ndarray:
+    """Probabilities ``(C,)`` for one image or audio file.
+
+    Audio (an audio suffix, or any file when the model takes a waveform): decoded to mono
+    at the model's rate; with a crop length, the mean over ``crops`` (default: the run's
+    ``eval_crops``) evenly spaced crops, as the run's test metrics were computed.
+
+    Raises:
+        DataError: the file cannot be decoded, or it is audio and the model takes images.
+    """
+    from tlkit.data.audio import fixed_crops, is_audio_file, load_audio
+
+    contract = audio_input(predictor, target)
+    if contract is None:
+        if is_audio_file(path):
+            raise DataError(f"{str(path)!r} is an audio file, but the model takes images")
+        return np.asarray(predictor.predict_one(load_image(path)), np.float32)
+    waveform = load_audio(path, contract.sample_rate)
+    if contract.clip_samples is None:
+        return np.asarray(predictor.predict_one(waveform), np.float32)
+    count = crops or contract.crops
+    rows = fixed_crops(waveform, contract.clip_samples, count)
+    return np.mean([np.asarray(predictor.predict_one(row), np.float32) for row in rows], axis=0)
+
+
+def _takes_waveform(model: Any) -> bool:
+    inputs = getattr(model, "inputs", None) or []
+    return bool(inputs) and (inputs[0].name == "waveform" or len(inputs[0].shape) == 2)
+
+
+def _model_sample_rate(model: Any, run: Path) -> int | None:
+    """The rate of a run made before run.json recorded it: a front-end layer's, or the backbone spec's."""
+    for layer in getattr(model, "layers", []):
+        rate = getattr(layer, "sample_rate", None)
+        if rate:
+            return int(rate)
+    name = _read_json(run / "config.json").get("backbone", {}).get("name")
+    if not name:
+        return None
+    from tlkit.backbones.registry import get as get_spec
+    from tlkit.errors import TlkitError
+
+    try:
+        spec = get_spec(name, modality="audio")
+    except TlkitError:
+        return None
+    return spec.sample_rate
+
+
+def _metadata_beside(target: str | Path) -> dict[str, Any]:
+    path = Path(target)
+    return _read_json((path if path.is_dir() else path.parent) / "metadata.json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

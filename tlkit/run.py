@@ -35,9 +35,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-import tlkit.audio_augment  # noqa: F401  (registers AudioAugment for model.keras files)
-import tlkit.frontends  # noqa: F401  (registers LogMelSpectrogram for model.keras files)
-from tlkit.audio_augment import AudioAugmentation
+import tlkit.frontends  # noqa: F401  (registers LogMelSpectrogram, so model.keras files load)
+from tlkit.audio_augment import AudioAugmentation  # (also registers the AudioAugment layer)
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
 from tlkit.config import DataConfig, RunConfig, config_from_dict, load_config
@@ -330,9 +329,7 @@ def evaluate_audio(
     """
     head = head or HeadConfig()
     waves = [waveforms[e.path] for e in examples]
-    probabilities = predict_clips(
-        lambda batch: model(batch, training=False), waves, clip_length, crops=crops, batch_size=batch_size
-    )
+    probabilities = predict_clips(model.predict_on_batch, waves, clip_length, crops=crops, batch_size=batch_size)
     targets = encode_labels(examples, class_names)
     results = {"loss": float(classification_loss(head)(targets, probabilities))}
     for metric in classification_metrics(head, len(class_names)):

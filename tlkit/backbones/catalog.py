@@ -147,7 +147,8 @@ def _package_specs() -> tuple[BackboneSpec, ...]:
 # features inside its SavedModel).
 #
 # Options describe each module's call contract beyond "(B, samples) in, tensor out",
-# for the SavedModel adapter (tlkit/backbones/hub.py) to honour:
+# for the SavedModel adapter (tlkit/backbones/hub.py) to honour; hub.py reads `endpoint`
+# and `output_key` today, tlkit.run reads the two length options, the rest are pending:
 #   endpoint / output_key   which function to call and which output to keep
 #   per_example             the module takes one clip, not a batch: call it per example
 #                           (input rank 1, or rank 2 with a batch of one when

@@ -11,8 +11,8 @@ import difflib
 import re
 from pathlib import Path
 
-from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
-from tlkit.errors import BackboneNotFoundError
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing, Modality
+from tlkit.errors import BackboneNotFoundError, ConfigError
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
@@ -44,13 +44,27 @@ def list_backbones(modality: str | None = None) -> list[BackboneSpec]:
     return sorted(specs, key=lambda s: (s.modality, s.name))
 
 
-def get(name_or_handle: str | BackboneSpec, *, image_size: int | None = None) -> BackboneSpec:
+def get(
+    name_or_handle: str | BackboneSpec,
+    *,
+    image_size: int | None = None,
+    modality: Modality | None = None,
+    sample_rate: int | None = None,
+    frontend: AudioFrontend | None = None,
+) -> BackboneSpec:
     """Resolves a registry name, a TF-Hub handle, a SavedModel directory or a ``.keras`` file.
 
     Args:
         name_or_handle: a registered name, ``https://...`` hub handle, a directory
             holding ``saved_model.pb``, or a path ending in ``.keras``.
         image_size: input size for ad-hoc image backbones (default 224).
+        modality: for ad-hoc backbones only (registered specs know their own):
+            ``"image"`` (the default) or ``"audio"``. An ad-hoc audio encoder takes the
+            raw waveform ``(B, samples)`` unless ``frontend`` says otherwise.
+        sample_rate: ad-hoc audio encoders: the rate they expect (default 16000, or
+            ``frontend.sample_rate``).
+        frontend: ad-hoc audio encoders: e.g. ``AudioFrontend(kind="log_mel", ...)``
+            for an encoder that takes log-mel features ``(B, frames, n_mels)``.
 
     Raises:
         BackboneNotFoundError: nothing matches; the message lists close names.
@@ -64,15 +78,23 @@ def get(name_or_handle: str | BackboneSpec, *, image_size: int | None = None) ->
         if spec.location == key and spec.source in ("tfhub", "savedmodel", "keras_file"):
             return spec
     size = image_size or 224
+    if modality not in (None, "image", "audio"):
+        raise ConfigError(f"modality must be 'image' or 'audio', got {modality!r}")
+
+    def adhoc(name: str, source: str, location: str) -> BackboneSpec:
+        if modality == "audio":
+            return _adhoc_audio(name, source, location, sample_rate, frontend)
+        return _adhoc(name, source, location, size)
+
     if key.startswith(_HUB_PREFIXES):
-        return _adhoc(key, "tfhub", key, size)
+        return adhoc(key, "tfhub", key)
     path = Path(key).expanduser()
     if path.is_dir() and (path / "saved_model.pb").is_file():
-        return _adhoc(path.name, "savedmodel", str(path.resolve()), size)
+        return adhoc(path.name, "savedmodel", str(path.resolve()))
     if path.suffix == ".keras":
         if not path.is_file():
             raise BackboneNotFoundError(f"backbone file {str(path)!r} does not exist; check the path")
-        return _adhoc(path.stem, "keras_file", str(path.resolve()), size)
+        return adhoc(path.stem, "keras_file", str(path.resolve()))
     if path.exists() or "/" in key or key.startswith("."):
         raise BackboneNotFoundError(
             f"{key!r} is neither a SavedModel directory (with saved_model.pb) nor a .keras file"
@@ -97,4 +119,31 @@ def _adhoc(name: str, source: str, location: str, size: int) -> BackboneSpec:
         feature_dim=None,
         output="pooled",
         description="ad-hoc backbone (not in the registry); inputs scaled to [0, 1]",
+    )
+
+
+def _adhoc_audio(
+    name: str, source: str, location: str, sample_rate: int | None, frontend: AudioFrontend | None
+) -> BackboneSpec:
+    """A spec for an unregistered audio encoder: raw waveform in (or ``frontend``'s features)."""
+    if frontend is None:
+        frontend = AudioFrontend(kind="waveform", sample_rate=sample_rate or 16000)
+    elif sample_rate is not None and sample_rate != frontend.sample_rate:
+        raise ConfigError(
+            f"sample_rate={sample_rate} disagrees with the front-end's sample_rate={frontend.sample_rate}; "
+            "give one of them"
+        )
+    rate = frontend.sample_rate
+    takes = "raw waveform (B, samples)" if frontend.kind == "waveform" else f"log-mel (B, frames, {frontend.n_mels})"
+    return BackboneSpec(
+        name=name,
+        modality="audio",
+        source=source,  # type: ignore[arg-type]
+        location=location,
+        input_shape=(rate,),
+        preprocessing=frontend,
+        feature_dim=None,
+        output="sequence",
+        sample_rate=rate,
+        description=f"ad-hoc audio encoder (not in the registry) taking {takes} at {rate} Hz",
     )
