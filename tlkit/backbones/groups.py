@@ -151,9 +151,31 @@ def _by_boundaries(backbone: keras.layers.Layer, members: list[object], boundari
 
 
 def _by_depth(backbone: keras.layers.Layer, members: list[object], by_variable: bool) -> LayerGroups:
-    count = min(DEFAULT_GROUP_COUNT, len(members)) or 1
+    """Splits the trainable members into equal slices by order; a non-trainable variable
+    (e.g. BatchNorm statistics listed after all trainable ones in a SavedModel) joins the
+    group of the trainable variable whose name shares the longest prefix with it."""
+    if by_variable:
+        ranked = [m for m in members if m.trainable] or members  # type: ignore[attr-defined]
+    else:
+        ranked = members
+    count = min(DEFAULT_GROUP_COUNT, len(ranked)) or 1
     buckets: list[list[object]] = [[] for _ in range(count)]
-    for index, member in enumerate(members):
-        buckets[index * count // max(len(members), 1)].append(member)
+    group_of: dict[int, int] = {}
+    for index, member in enumerate(ranked):
+        group_of[id(member)] = index * count // max(len(ranked), 1)
+        buckets[group_of[id(member)]].append(member)
+    for member in members:
+        if id(member) not in group_of:
+            nearest = max(ranked, key=lambda r: _common_prefix(r.path, member.path))  # type: ignore[attr-defined]
+            buckets[group_of[id(nearest)]].append(member)
     names = [f"depth {i + 1}/{count}" for i in range(count)]
     return LayerGroups(backbone, names, buckets, by_variable)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    size = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        size += 1
+    return size
