@@ -83,3 +83,22 @@ def test_bad_head_options(tiny_backbone: object) -> None:
         HeadConfig(dropout=1.5)
     with pytest.raises(ConfigError, match="at least 2"):
         build_classifier("tiny_test", 1)
+
+
+def test_waveform_standardization_frontend() -> None:
+    from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+
+    def encoder(weights: str | None) -> keras.Model:
+        inputs = keras.Input((None,))
+        x = keras.layers.Reshape((-1, 1))(inputs)
+        return keras.Model(inputs, keras.layers.Conv1D(4, 8, strides=4, name="conv")(x))
+
+    spec = BackboneSpec("wave_norm_test", "audio", "builder", "x", (1600,),
+                        AudioFrontend(kind="waveform", normalize=True), 4, "sequence", sample_rate=16000,
+                        licence="test", builder=encoder)
+    model = build_classifier(spec, 2, augmentation=None)
+    frontend = keras.Model(model.input, model.get_layer("frontend").output)
+    x = np.random.default_rng(0).normal(3.0, 5.0, (2, 1600)).astype(np.float32)
+    y = np.asarray(frontend(x))
+    np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=1), 1, atol=1e-3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tlkit
 
 PUBLIC = {
-    "AudioFrontend", "BackboneNotFoundError", "BackboneSpec", "ConfigError", "DataError", "EvaluationReport", "ExportError",
+    "AudioAugmentation", "AudioFrontend", "BackboneNotFoundError", "BackboneSpec", "ConfigError", "DataError", "EvaluationReport", "ExportError",
     "ExportReport", "FineTuneResult", "HeadConfig", "ImageAugmentation", "ImageNormalization",
     "ImagePreprocessing", "IntegrityError", "RunConfig", "RunResult", "Schedule", "Stage", "TlkitError",
     "UnsafeCheckpointError", "WeightsUnavailableError", "__version__", "available_offline", "build_classifier",

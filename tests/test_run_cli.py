@@ -186,3 +186,17 @@ def test_readme_example_config_trains_offline(tmp_path: Path) -> None:
     assert (result.run_dir / "model.keras").is_file()
     assert json.loads((result.run_dir / "run.json").read_text())["backbone"] == "efficientnet_lite0"
     assert len(json.loads((result.run_dir / "labels.json").read_text())) == 10
+
+
+def test_run_with_a_savedmodel_backbone_reloads_and_predicts(tmp_path: Path) -> None:
+    """Safe mode refuses SavedModel layers; such runs are rebuilt from config + weights."""
+    from tests.conftest import tiny_cnn
+
+    tiny_cnn().export(str(tmp_path / "tiny_sm"), verbose=False)
+    data = write_image_folder(tmp_path / "data", n_per_class=6)
+    raw = _config(tmp_path, data, backbone={"name": str(tmp_path / "tiny_sm"), "image_size": 32})
+    result = train(config_from_dict(raw))
+    model, labels = load_run_model(result.run_dir)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
+    assert train(config_from_dict(raw)).history is None  # the "already complete" path reloads too

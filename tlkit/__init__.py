@@ -17,6 +17,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
+from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones import (
     AudioFrontend,
     BackboneSpec,
@@ -48,6 +49,7 @@ from tlkit.model import HeadConfig, ImageAugmentation, build_classifier, split_h
 from tlkit.run import RunResult, load_run_model, train
 
 __all__ = [
+    "AudioAugmentation",
     "AudioFrontend",
     "BackboneNotFoundError",
     "BackboneSpec",

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tlkit.audio_augment import AudioAugmentation
 from tlkit.errors import ConfigError
 from tlkit.finetune import Schedule
 from tlkit.model import HeadConfig, ImageAugmentation
@@ -78,6 +79,7 @@ class BackboneConfig:
     name: str = DEFAULT_IMAGE_BACKBONE
     weights: str | None = "pretrained"
     image_size: int | None = None
+    sample_rate: int | None = None  # ad-hoc audio encoders (a .keras file or SavedModel): their rate
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class RunConfig:
     data: DataConfig
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    augmentation: ImageAugmentation | None = field(default_factory=ImageAugmentation)
+    augmentation: ImageAugmentation | AudioAugmentation | None = field(default_factory=ImageAugmentation)
     schedule: Schedule = field(default_factory=Schedule.fine_tune)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     seed: int = 0
@@ -158,13 +160,25 @@ def _schedule(raw: Any) -> Schedule:
     return Schedule.preset(preset or "fine_tune", **raw)
 
 
-def _augmentation(raw: Any) -> ImageAugmentation | None:
+def _augmentation(raw: Any) -> ImageAugmentation | AudioAugmentation | None:
+    """``[augmentation]``: image keys build an ImageAugmentation, audio keys (``time_shift``,
+    ``gain_db``, ``noise_snr_db``, ``spec_*``) an AudioAugmentation; ``kind = "audio"`` forces
+    audio; ``enabled = false`` disables augmentation. Audio runs given image defaults use the
+    audio defaults."""
     if raw is None:
         return ImageAugmentation()
-    if isinstance(raw, dict) and raw.get("enabled", True) is False:
+    if not isinstance(raw, dict):
+        raise ConfigError("[augmentation] must be a table")
+    if raw.get("enabled", True) is False:
         return None
-    if isinstance(raw, dict):
-        raw = {k: v for k, v in raw.items() if k != "enabled"}
+    raw = {k: v for k, v in raw.items() if k != "enabled"}
+    kind = raw.pop("kind", None)
+    audio_keys = {f.name for f in dataclasses.fields(AudioAugmentation)} - {
+        f.name for f in dataclasses.fields(ImageAugmentation)}
+    if kind == "audio" or (kind is None and set(raw) & audio_keys):
+        return _build(AudioAugmentation, raw, "augmentation")
+    if kind not in (None, "image"):
+        raise ConfigError(f"[augmentation] kind must be 'image' or 'audio', got {kind!r}")
     return _build(ImageAugmentation, raw, "augmentation")
 
 
@@ -185,6 +199,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
     if isinstance(data.get("cache"), str):
         data["cache"] = str(_resolve(base, data["cache"]))
     backbone = dict(raw.get("backbone") or {})
+    name_value = str(backbone.get("name", ""))
+    if name_value and not name_value.startswith(("http://", "https://", "gs://")) and (
+        "/" in name_value or name_value.endswith(".keras")
+    ):
+        backbone["name"] = str(_resolve(base, name_value))  # a local .keras file or SavedModel dir
     if isinstance(backbone.get("weights"), str) and backbone["weights"].lower() in ("none", "random"):
         backbone["weights"] = None
     elif isinstance(backbone.get("weights"), str) and backbone["weights"] != "pretrained":

@@ -78,3 +78,24 @@ class TrainingOnly(keras.Sequential):
         if not training:
             return inputs
         return super().call(inputs, training=True, mask=mask)
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class WaveformStandardization(keras.layers.Layer):
+    """Per-clip zero mean, unit variance: (B, samples) -> (B, samples) (Wav2Vec2's feature extractor)."""
+
+    def __init__(self, epsilon: float = 1e-7, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.cast(inputs, self.compute_dtype)
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        variance = ops.var(x, axis=-1, keepdims=True)
+        return (x - mean) / ops.sqrt(variance + self.epsilon)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "epsilon": self.epsilon}

@@ -22,7 +22,7 @@ from tlkit.backbones.loading import load_backbone
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
 from tlkit.errors import ConfigError
-from tlkit.layers import ImageNormalization, TrainingOnly
+from tlkit.layers import ImageNormalization, TrainingOnly, WaveformStandardization
 
 FEATURES_LAYER = "pool"
 HEAD_LAYER_PREFIXES = ("dropout", "hidden_", "logits", "probabilities")
@@ -214,6 +214,8 @@ def _audio_input(spec: BackboneSpec) -> tuple[Any, Any]:
         from tlkit.frontends import LogMelSpectrogram
 
         return inputs, LogMelSpectrogram.from_spec(frontend, name="frontend")(inputs)
+    if frontend.normalize:
+        return inputs, WaveformStandardization(name="frontend")(inputs)
     return inputs, inputs
 
 

@@ -71,7 +71,7 @@ def load_image(path: str | Path) -> np.ndarray:
 def load_predictor(target: str | Path) -> Predictor:
     """A predictor for a run directory, an exported SavedModel directory or a ``.tflite`` file."""
     path = Path(target)
-    if (path / "model.keras").is_file():
+    if (path / "model.keras").is_file() and (path / "config.json").is_file():  # a run directory
         from tlkit.run import load_run_model
 
         model, labels = load_run_model(path)

@@ -97,15 +97,36 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
-    """The final model of a run (safe mode on) and its class names."""
+    """The final model of a run and its class names.
+
+    ``model.keras`` is loaded with Keras's safe mode on. A model whose backbone is a
+    SavedModel (TF-Hub or local) cannot be deserialised in safe mode (its graph is code), so
+    such a run is rebuilt from its config and the backbone the config names, and its trained
+    weights (``model.weights.h5``) are loaded into it.
+    """
     run = Path(run_dir)
     model_path = run / "model.keras"
     if not model_path.is_file():
         raise ConfigError(f"run {str(run)!r} has no model.keras yet; finish it with `tlkit train` first")
     import tlkit.layers  # noqa: F401  (registers tlkit's layers for deserialisation)
 
-    model = keras.saving.load_model(model_path, safe_mode=True)
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
+    cfg = load_run_config(run)
+    status = _read_status(run)
+    spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
+                    modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
+    if spec.source not in ("tfhub", "savedmodel"):
+        return keras.saving.load_model(model_path, safe_mode=True), labels
+    weights = run / "model.weights.h5"
+    if not weights.is_file():
+        raise ConfigError(f"run {str(run)!r} has a SavedModel backbone but no model.weights.h5; retrain it")
+    augmentation = cfg.augmentation if spec.modality == "image" else _audio_augmentation(cfg.augmentation, 0)
+    size = tuple(status["image_size"]) if status.get("image_size") else None
+    model = build_classifier(
+        spec, len(labels), weights="pretrained", head=cfg.head, augmentation=augmentation,
+        image_size=size, seed=cfg.seed, name=_model_name(cfg.name),  # type: ignore[arg-type]
+    )
+    model.load_weights(weights)
     return model, labels
 
 
@@ -168,6 +189,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
         )
         model.optimizer.build(model.trainable_variables)
     model.save(run / "model.keras")
+    model.save_weights(run / "model.weights.h5")  # for rebuilding SavedModel-backbone runs (load_run_model)
     _write_status(run, {
         "status": "complete", "backbone": spec.name, "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
@@ -193,7 +215,8 @@ class _RunData:
 def _resolve_spec(cfg: RunConfig) -> BackboneSpec:
     """The backbone spec; an ad-hoc ``.keras`` / SavedModel / hub backbone is an audio
     encoder when the data are audio files."""
-    return get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size, modality=_data_modality(cfg.data))
+    return get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size, modality=_data_modality(cfg.data),
+                    sample_rate=cfg.backbone.sample_rate)
 
 
 def _data_modality(data: DataConfig, limit: int = 200) -> str | None:

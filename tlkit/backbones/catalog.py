@@ -175,6 +175,7 @@ def _hub_audio(
     description: str,
     params: int | None = None,
     licence: str = HUB_AUDIO_LICENCE,
+    preprocessing: AudioFrontend = WAVEFORM_16K,
     **options: object,
 ) -> BackboneSpec:
     return BackboneSpec(
@@ -183,7 +184,7 @@ def _hub_audio(
         source="tfhub",
         location=handle,
         input_shape=(input_samples,),
-        preprocessing=WAVEFORM_16K,
+        preprocessing=preprocessing,
         feature_dim=features,
         output=output,  # type: ignore[arg-type]
         sample_rate=WAVEFORM_16K.sample_rate,
@@ -203,7 +204,7 @@ AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
         "Wav2Vec2-base (self-supervised speech, LibriSpeech; ~95M params), raw 16 kHz waveform -> 768-d per 20 ms",
         fixed_input_samples=246_000,
         # wav2vec2-base's own feature extractor scales each clip to zero mean, unit variance.
-        expects="per-clip zero-mean unit-variance waveform",
+        preprocessing=AudioFrontend(kind="waveform", sample_rate=16000, normalize=True),
     ),
     # YAMNet (AudioSet, 521 sound classes, MobileNet-v1). One clip per call: 1-D waveform
     # in, (scores (N, 521), embeddings (N, 1024), log-mel) out, N = frames of 0.96 s

@@ -44,7 +44,8 @@ class ImagePreprocessing:
 class AudioFrontend:
     """Maps a raw mono waveform (float32 in -1..1 at ``sample_rate``) to the encoder's input.
 
-    ``kind="waveform"``: the encoder takes the waveform itself (Wav2Vec-style).
+    ``kind="waveform"``: the encoder takes the waveform itself (Wav2Vec-style); with
+    ``normalize=True`` each clip is first scaled to zero mean and unit variance.
     ``kind="log_mel"``: a log-mel spectrogram computed with TF ops inside the model.
     ``log_style`` selects the scaling after the mel projection: ``"natural"``
     (``log(mel + offset)``) or ``"whisper"`` (log10, clip at max-8, ``(m + 4) / 4``).
@@ -59,6 +60,7 @@ class AudioFrontend:
     fmax: float | None = None
     log_style: Literal["natural", "whisper"] = "natural"
     log_offset: float = 1e-6
+    normalize: bool = False  # waveform encoders trained on per-clip zero-mean unit-variance input
 
 
 Preprocessing = ImagePreprocessing | AudioFrontend
