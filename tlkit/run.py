@@ -111,12 +111,12 @@ def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
     import tlkit.layers  # noqa: F401  (registers tlkit's layers for deserialisation)
 
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
-    cfg = load_run_config(run)
     status = _read_status(run)
+    if status.get("backbone_source") not in ("tfhub", "savedmodel"):
+        return keras.saving.load_model(model_path, safe_mode=True), labels
+    cfg = load_run_config(run)
     spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
                     modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
-    if spec.source not in ("tfhub", "savedmodel"):
-        return keras.saving.load_model(model_path, safe_mode=True), labels
     weights = run / "model.weights.h5"
     if not weights.is_file():
         raise ConfigError(f"run {str(run)!r} has a SavedModel backbone but no model.weights.h5; retrain it")
@@ -191,7 +191,8 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     model.save(run / "model.keras")
     model.save_weights(run / "model.weights.h5")  # for rebuilding SavedModel-backbone runs (load_run_model)
     _write_status(run, {
-        "status": "complete", "backbone": spec.name, "started": started, "finished": time.time(),
+        "status": "complete", "backbone": spec.name, "backbone_source": spec.source,
+        "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
         **data.status, "versions": _versions(),
     })
