@@ -103,6 +103,12 @@ def test_every_format_is_written_reloads_and_passes_parity(exported: export.Expo
     }
     assert meta["artifacts"]["tflite-int8"]["input"]["shape"] == [1, TINY_SIZE, TINY_SIZE, 3]
     assert meta["artifacts"]["tflite-fp32"]["parity"]["top1_agreement"] >= 0.99
+    # Quantized formats are bias-corrected on the calibration examples; the float ones are not.
+    for fmt in ("tflite-dynamic", "tflite-int8"):
+        assert meta["artifacts"][fmt]["bias_correction"]["examples"] == 40
+        assert meta["artifacts"][fmt]["bias_correction"]["layers"] >= 1
+        assert "bias correction:" in exported.result(fmt).notes
+    assert "bias_correction" not in meta["artifacts"]["tflite-fp32"]
     assert {"tensorflow", "keras", "tlkit"} <= set(meta["versions"])
     assert meta["source_run"]["path"] == str(run_dir.resolve()) and meta["created"]
     saved = json.loads((out / "export_report.json").read_text(encoding="utf-8"))
@@ -120,6 +126,94 @@ def test_every_format_is_written_reloads_and_passes_parity(exported: export.Expo
         assert got.shape == (3,)
         tolerance = 0.05 if result.format in ("tflite-dynamic", "tflite-int8") else 1e-3
         np.testing.assert_allclose(got, expected, atol=tolerance)
+
+
+def _rounded_like_the_converter(kernel: np.ndarray, keep: int) -> np.ndarray:
+    """Symmetric per-output-channel int8 rounding, as TFLite does to weights."""
+    axes = tuple(range(kernel.ndim - keep))
+    scale = np.abs(kernel).max(axis=axes, keepdims=True) / 127.0
+    return np.round(kernel / scale) * scale
+
+
+def test_bias_correction_cancels_the_mean_error_of_int8_weights() -> None:
+    """Conv->BN, depthwise->BN and Dense, in a nested model: rounded weights + correction keep the float mean."""
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")
+    dw = keras.layers.DepthwiseConv2D(3, use_bias=False, name="dw")
+    dense = keras.layers.Dense(5, name="dense")
+    bn1 = keras.layers.BatchNormalization(name="bn1")
+    bn2 = keras.layers.BatchNormalization(name="bn2")
+    branches = [bn1(conv(inputs)), bn2(dw(inputs)), dense(keras.layers.Flatten()(inputs))]
+    inner = keras.Model(inputs, branches, name="inner")
+    outer_in = keras.Input((6, 6, 3))
+    model = keras.Model(outer_in, inner(outer_in * 1.0), name="outer")
+    for layer in (conv, dw, dense):
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32))
+    bn1.moving_variance.assign(np.full(4, 0.3, np.float32))
+    examples = [rng.uniform(0.5, 1.5, size=(6, 6, 3)).astype(np.float32) for _ in range(20)]
+    x = np.stack(examples)
+
+    def means() -> list[np.ndarray]:
+        return [np.asarray(y).reshape(-1, np.asarray(y).shape[-1]).mean(0) for y in model(x, training=False)]
+
+    floats = means()
+    before = [w.numpy() for w in model.weights]
+    kernels = {layer.name: layer.kernel.numpy() for layer in (conv, dw, dense)}
+    with export._bias_corrected(model, examples, 0) as count:
+        assert count == 3
+        conv.kernel.assign(_rounded_like_the_converter(kernels["conv"], 1))
+        dw.kernel.assign(_rounded_like_the_converter(kernels["dw"], 2))
+        dense.kernel.assign(_rounded_like_the_converter(kernels["dense"], 1))
+        corrected = means()
+        for layer in (conv, dw, dense):
+            layer.kernel.assign(kernels[layer.name])
+    for layer in (conv, dw, dense):
+        layer.kernel.assign(_rounded_like_the_converter(kernels[layer.name], 2 if layer is dw else 1))
+    uncorrected = means()
+    for w, value in zip(model.weights, before):
+        w.assign(value)
+    for want, got, raw in zip(floats, corrected, uncorrected):
+        assert np.abs(raw - want).max() > 1e-3  # the rounding does shift the mean ...
+        np.testing.assert_allclose(got, want, atol=2e-5)  # ... and the correction takes the shift out
+    # Only the BN means and the Dense bias moved inside the block, and they are back afterwards.
+    with export._bias_corrected(model, examples, 0):
+        moved = {w.path for w, b in zip(model.weights, before) if not np.array_equal(w.numpy(), b)}
+    assert moved == {bn1.moving_mean.path, bn2.moving_mean.path, dense.bias.path}
+    assert all(np.array_equal(w.numpy(), b) for w, b in zip(model.weights, before))
+    # The dynamic-range converter leaves small tensors in float: so does the correction.
+    assert export._bias_corrections(model, examples, 1024) == []
+
+
+def test_disagreement_note_gives_the_keras_margins() -> None:
+    want = np.array([[0.9, 0.1], [0.52, 0.48], [0.3, 0.7], [0.45, 0.55]], np.float32)
+    have = np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]], np.float32)
+    note = export._disagreement_note(want, have)
+    assert note.startswith("2 disagreement(s)") and "by 0.040, 0.100" in note and "median lead" in note
+    assert export._disagreement_note(want, want) == ""
+
+
+def test_bias_correction_can_be_turned_off(run_dir: Path, workspace: Path) -> None:
+    report = export_run(run_dir, ["tflite-dynamic"], out=workspace / "models" / "plain", parity_samples=5,
+                        calibration_samples=8, bias_correction=False)
+    meta = json.loads((Path(report.out_dir) / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["artifacts"]["tflite-dynamic"]["bias_correction"] == "off"
+    assert report.calibration_samples == 0  # nothing needed calibration examples
+
+
+def test_a_failing_bias_correction_converts_uncorrected(
+    run_dir: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("unexpected layer graph")
+
+    monkeypatch.setattr(export, "_bias_corrections", broken)
+    report = export_run(run_dir, ["tflite-dynamic"], out=workspace / "models" / "uncorrected", parity_samples=5,
+                        calibration_samples=8)
+    assert report.passed
+    meta = json.loads((Path(report.out_dir) / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["artifacts"]["tflite-dynamic"]["bias_correction"] == "not applied (RuntimeError: unexpected layer graph)"
+    assert "bias correction not applied" in report.result("tflite-dynamic").notes
 
 
 def test_int8_is_at_most_a_third_of_fp32(exported: export.ExportReport) -> None:

@@ -9,6 +9,7 @@
         model_fp16.tflite                   TFLite, float16 weights
         model_dynamic.tflite                TFLite, dynamic-range (int8 weights, float activations)
         model_int8.tflite                   TFLite, full-integer int8 (calibrated on training data)
+                                            (both int8 variants bias-corrected, see _bias_corrections)
         labels.txt                          class names, one a line, in output order
         metadata.json                       labels, input contract per artifact, parity, versions, source run
         export_report.json                  the parity table (also returned as :class:`ExportReport`)
@@ -132,7 +133,8 @@ class ExportReport:
         results: one :class:`FormatResult` per exported format, in build order.
         skipped: formats not exported, with the reason.
         parity_split: where the parity examples came from (``"val+test"`` normally).
-        calibration_samples: training examples used to calibrate the int8 model (0: none).
+        calibration_samples: training examples used to calibrate the int8 model and to
+            bias-correct the quantized formats (0: none).
         tflite_runtime: the interpreter used to run the TFLite files.
         created: UTC time, ISO 8601.
         versions: tensorflow, keras, tlkit, numpy, python versions.
@@ -393,6 +395,7 @@ def export_run(
     min_agreement: float | Mapping[str, float] | None = None,
     int8_io: bool = False,
     representative_data: RepresentativeData | None = None,
+    bias_correction: bool = True,
 ) -> ExportReport:
     """Exports a finished run in several formats, verifies each, and writes a new version.
 
@@ -413,6 +416,11 @@ def export_run(
         representative_data: replaces the calibration examples drawn from the training
             split: each item one example shaped like the TFLite input without its batch
             axis, (H, W, 3) float32 pixels 0..255 at the run's image size (or (samples,)).
+        bias_correction: before converting ``tflite-dynamic`` and ``tflite-int8``, shift
+            the bias (or the following BatchNorm's mean) of every Keras convolution and
+            Dense layer by the mean error its int8-rounded weights cause on the
+            calibration examples (see :func:`_bias_corrections`). The Keras model itself
+            is left unchanged. ``False`` converts the weights as they are.
 
     Returns:
         An :class:`ExportReport`; the artifacts are in ``report.out_dir``.
@@ -446,11 +454,23 @@ def export_run(
         references: dict[str, list[np.ndarray]] = {}
         failures: list[str] = []
         below_threshold = False
+        cached: list[list[np.ndarray]] = []
+
+        def calibration() -> list[np.ndarray]:
+            """The calibration examples, read once and shared by every quantized format."""
+            if not cached:
+                if representative_data is not None:
+                    examples = [np.asarray(x, np.float32) for x in representative_data]
+                else:
+                    examples = _calibration_examples(source, calibration_samples)
+                _check_calibration(examples, source.fixed_shape)
+                cached.append(examples)
+                report.calibration_samples = len(examples)
+            return cached[0]
+
         for fmt in wanted:
             try:
-                artifact, info = _write_artifact(
-                    fmt, source, tmp, calibration_samples, int8_io, representative_data, report
-                )
+                artifact, info = _write_artifact(fmt, source, tmp, calibration, int8_io, bias_correction)
                 result, runtime = _verify(fmt, artifact, tmp, source, parity, references, thresholds[fmt], info)
             except TlkitError as exc:
                 failures.append(f"{fmt}: {exc}")
@@ -469,9 +489,11 @@ def export_run(
             meta["artifacts"][fmt] = info
             if not result.passed:
                 below_threshold = True
+                lead = next((n for n in result.notes.split("; ") if "disagreement" in n), "")
                 failures.append(
                     f"{fmt}: top-1 agreement {result.top1_agreement:.3f} with the Keras model is below "
                     f"{result.min_agreement:.3f} (max |dp| {result.max_abs_diff:.3g}, {result.samples} examples)"
+                    + (f"\n    {lead}" if lead else "")
                 )
         if failures:
             table = report.table() if report.results else "(no artifact was verified)"
@@ -760,10 +782,9 @@ def _write_artifact(
     fmt: str,
     source: _Source,
     tmp: Path,
-    calibration_samples: int,
+    calibration: Callable[[], list[np.ndarray]],
     int8_io: bool,
-    representative_data: RepresentativeData | None,
-    report: ExportReport,
+    bias_correction: bool,
 ) -> tuple[str, dict[str, Any]]:
     """Writes one artifact into ``tmp``; returns its relative path and its metadata entry."""
     if fmt == "savedmodel":
@@ -777,19 +798,25 @@ def _write_artifact(
             "outputs": {"probabilities": {"dtype": "float32", "shape": [None, len(source.labels)]}},
             "load": "import tlkit; keras.saving.load_model(path, safe_mode=True)",
         }
-    calibration: list[np.ndarray] | None = None
-    if fmt == "tflite-int8":
-        if representative_data is not None:
-            calibration = [np.asarray(x, np.float32) for x in representative_data]
-            report.calibration_samples = len(calibration)
-        else:
-            calibration = _calibration_examples(source, calibration_samples)
-            report.calibration_samples = len(calibration)
-        _check_calibration(calibration, source.fixed_shape)
+    correct = bias_correction and fmt in _INT8_WEIGHTS_MIN_ELEMENTS
+    examples = calibration() if fmt == "tflite-int8" or correct else None
     name = TFLITE_FILES[fmt]
-    data = _convert_tflite(source, fmt, calibration, int8_io)
+    changes: list[tuple[Any, np.ndarray]] = []
+    status: Any = "off"
+    if correct:
+        assert examples is not None
+        try:
+            changes = _bias_corrections(source.model, examples, _INT8_WEIGHTS_MIN_ELEMENTS[fmt])
+            status = {"layers": len(changes), "examples": len(examples)}
+        except Exception as exc:  # an optional refinement: an unusual model converts uncorrected
+            status = f"not applied ({type(exc).__name__}: {_first_line(exc)})"
+    with _applied(changes):
+        data = _convert_tflite(source, fmt, examples if fmt == "tflite-int8" else None, int8_io)
     (tmp / name).write_bytes(data)
-    return name, {"path": name, "quantization": _QUANTIZATION[fmt], **_tflite_io(tmp / name, source)}
+    info = {"path": name, "quantization": _QUANTIZATION[fmt], **_tflite_io(tmp / name, source)}
+    if fmt in _INT8_WEIGHTS_MIN_ELEMENTS:
+        info["bias_correction"] = status
+    return name, info
 
 
 _QUANTIZATION = {
@@ -798,6 +825,178 @@ _QUANTIZATION = {
     "tflite-dynamic": "dynamic range: int8 weights, activations quantized on the fly",
     "tflite-int8": "full integer: int8 weights and activations, calibrated on training examples",
 }
+
+
+# The formats whose weights the converter rounds to int8, each with the smallest weight
+# tensor it rounds: the dynamic-range quantizer leaves tensors under 1024 elements in float.
+_INT8_WEIGHTS_MIN_ELEMENTS = {"tflite-dynamic": 1024, "tflite-int8": 0}
+_CORRECTION_BATCH = 16
+
+
+@contextlib.contextmanager
+def _applied(changes: list[tuple[Any, np.ndarray]]) -> Any:
+    """Adds each ``delta`` to its variable for the block; the original values are put back on exit."""
+    originals = [(variable, variable.numpy()) for variable, _ in changes]
+    try:
+        for variable, delta in changes:
+            variable.assign(variable.numpy() + delta.astype(variable.numpy().dtype))
+        yield
+    finally:
+        for variable, value in originals:
+            variable.assign(value)
+
+
+@contextlib.contextmanager
+def _bias_corrected(model: Any, examples: list[np.ndarray], min_elements: int) -> Any:
+    """:func:`_bias_corrections` applied to ``model`` for the block; yields the layer count."""
+    changes = _bias_corrections(model, examples, min_elements)
+    with _applied(changes):
+        yield len(changes)
+
+
+def _bias_corrections(model: Any, examples: list[np.ndarray], min_elements: int) -> list[tuple[Any, np.ndarray]]:
+    """Bias correction for int8 weights: ``(variable, delta)`` pairs that remove the mean error.
+
+    The TFLite converter rounds each kernel to int8 per output channel (symmetric,
+    ``scale = max|w| / 127``; a following BatchNorm is folded in first, which scales each
+    channel and so leaves the rounding unchanged). That rounding error ``dW`` is small
+    per weight, but its effect on a layer's output, ``x * dW``, has a non-zero mean
+    wherever the inputs do: ReLU6 outputs are positive, and images with flat regions
+    (backgrounds, scanned digits) feed the same values at every position. Such a shift is
+    the same at every position, so global pooling keeps all of it, and it adds up
+    through the network. Here each layer's mean shift ``E[x * dW]`` per output channel is
+    measured on the calibration examples (inputs from the float model) and subtracted
+    from the layer's bias, or added to the moving mean of the BatchNorm that directly
+    follows a layer without bias (Nagel et al. 2019, "Data-Free Quantization Through
+    Weight Equalization and Bias Correction", empirical variant).
+
+    Covered: Keras ``Conv1D``, ``Conv2D``, ``DepthwiseConv1D``, ``DepthwiseConv2D`` and
+    ``Dense`` layers (channels last, float32 kernels of at least ``min_elements``, one
+    call site), also inside nested functional models. Anything else (a SavedModel
+    backbone, shared layers) is left as it is.
+    """
+    import keras
+
+    per_level = _correction_targets(model, min_elements)
+    if not any(targets for _, targets, _ in per_level):
+        return []
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for start in range(0, len(examples), _CORRECTION_BATCH):
+        batch = np.stack(examples[start:start + _CORRECTION_BATCH]).astype(np.float32)
+        _accumulate_errors(model, batch, per_level, sums, counts, keras)
+    changes: list[tuple[Any, np.ndarray]] = []
+    for _, targets, _ in per_level:
+        for layer, error, bn in targets:
+            if id(layer) not in sums:
+                continue
+            mean = sums[id(layer)] / max(counts[id(layer)], 1)
+            if bn is not None:
+                changes.append((bn.moving_mean, mean))  # BN subtracts it: (x + e) - (mean + e)
+            else:
+                changes.append((layer.bias, -mean))
+    return changes
+
+
+def _correction_targets(model: Any, min_elements: int) -> list[tuple[Any, list[tuple[Any, np.ndarray, Any]], list[Any]]]:
+    """Per functional (sub)model: ``(model, [(layer, kernel error, BatchNorm or None)], sub-models)``."""
+    import keras
+
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # pragma: no cover - Keras moved it: correct the top level only
+        Functional = ()  # type: ignore[assignment]  # noqa: N806
+
+    conv = (keras.layers.Conv1D, keras.layers.Conv2D)
+    depthwise = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+    levels: list[tuple[Any, list[tuple[Any, np.ndarray, Any]], list[Any]]] = []
+
+    def walk(m: Any) -> None:
+        if len(getattr(m, "inputs", None) or []) != 1:
+            return
+        targets: list[tuple[Any, np.ndarray, Any]] = []
+        children: list[Any] = []
+        for layer in m.layers:
+            if len(getattr(layer, "_inbound_nodes", [])) != 1:
+                continue  # an input layer, or a layer called more than once
+            if Functional and isinstance(layer, Functional):
+                children.append(layer)
+                continue
+            if type(layer) not in (*conv, *depthwise, keras.layers.Dense):
+                continue
+            if getattr(layer, "quantization_mode", None) or str(layer.kernel.dtype) != "float32":
+                continue
+            if getattr(layer, "data_format", "channels_last") != "channels_last":
+                continue
+            kernel = np.asarray(layer.kernel.numpy(), np.float64)
+            if kernel.size < min_elements:
+                continue
+            bn = _following_batchnorm(layer, keras)
+            if not layer.use_bias and bn is None:
+                continue
+            if layer.use_bias:
+                bn = None
+            # Per output channel: the last axis, or (channels, multiplier) for depthwise.
+            keep = 2 if isinstance(layer, depthwise) else 1
+            axes = tuple(range(kernel.ndim - keep))
+            scale = np.max(np.abs(kernel), axis=axes, keepdims=True) / 127.0
+            rounded = np.where(scale > 0, np.round(kernel / np.where(scale > 0, scale, 1.0)) * scale, 0.0)
+            targets.append((layer, (rounded - kernel).astype(np.float32), bn))
+        levels.append((m, targets, children))
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return levels
+
+
+def _following_batchnorm(layer: Any, keras: Any) -> Any:
+    """The BatchNormalization (over the channel axis) that alone consumes a linear layer's output."""
+    if getattr(getattr(layer, "activation", None), "__name__", "") != "linear":
+        return None
+    outbound = getattr(layer, "_outbound_nodes", [])
+    if len(outbound) != 1:
+        return None
+    bn = outbound[0].operation
+    if not isinstance(bn, keras.layers.BatchNormalization) or len(getattr(bn, "_inbound_nodes", [])) != 1:
+        return None
+    rank = len(layer.output.shape)
+    return bn if bn.axis in (-1, rank - 1) else None
+
+
+def _accumulate_errors(
+    m: Any,
+    batch: Any,
+    per_level: list[tuple[Any, list[tuple[Any, np.ndarray, Any]], list[Any]]],
+    sums: dict[int, np.ndarray],
+    counts: dict[int, int],
+    keras: Any,
+) -> None:
+    """Adds, per target layer of ``m`` (and of its sub-models), the summed output error of one batch."""
+    level = next((entry for entry in per_level if entry[0] is m), None)
+    if level is None:
+        return
+    _, targets, children = level
+    layers = [t[0] for t in targets] + children
+    if not layers:
+        return
+    probe = keras.Model(m.inputs[0], [layer._inbound_nodes[0].input_tensors[0] for layer in layers])
+    values = probe(batch, training=False)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    for (layer, error, _), x in zip(targets, values[: len(targets)]):
+        if isinstance(layer, keras.layers.Dense):
+            y = keras.ops.matmul(x, error)
+        elif isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+            y = keras.ops.depthwise_conv(x, error, strides=layer.strides, padding=layer.padding,
+                                         data_format="channels_last", dilation_rate=layer.dilation_rate)
+        else:
+            y = layer.convolution_op(x, error)
+        y = np.asarray(keras.ops.convert_to_numpy(y), np.float64)
+        flat = y.reshape(-1, y.shape[-1])
+        sums[id(layer)] = sums.get(id(layer), 0.0) + flat.sum(axis=0)
+        counts[id(layer)] = counts.get(id(layer), 0) + flat.shape[0]
+    for child, x in zip(children, values[len(targets):]):
+        _accumulate_errors(child, x, per_level, sums, counts, keras)
 
 
 def _check_calibration(calibration: list[np.ndarray], shape: tuple[int, ...]) -> None:
@@ -976,13 +1175,42 @@ def _verify(
         raise ExportError(f"the reloaded {fmt} model returns shape {have.shape[1:]}, expected {want.shape[1:]}")
     agreement = float(np.mean(have.argmax(1) == want.argmax(1)))
     runtime = getattr(predictor, "runtime", "")
-    notes = f"runtime {runtime}" if runtime else ""
+    correction = info.get("bias_correction")
+    if isinstance(correction, dict):
+        correction = f"bias correction: {correction['layers']} layers, {correction['examples']} examples"
+    elif correction and correction != "off":
+        correction = f"bias correction {correction}"
+    else:
+        correction = ""
+    parts = (f"runtime {runtime}" if runtime else "", correction, _disagreement_note(want, have))
+    notes = "; ".join(part for part in parts if part)
     return FormatResult(
         format=fmt, path=artifact, size_bytes=_size(tmp / artifact if artifact != "." else tmp, fmt),
         max_abs_diff=float(np.max(np.abs(have - want))), top1_agreement=agreement,
         latency_ms=float(np.median(times) * 1000.0), min_agreement=threshold, samples=len(examples),
         passed=agreement >= threshold, notes=notes,
     ), runtime
+
+
+def _disagreement_note(want: np.ndarray, have: np.ndarray) -> str:
+    """Where the artifact picks another class: how far the Keras model's top-1 led its runner-up there.
+
+    Examples on which the Keras model is itself torn between two classes flip under any
+    small perturbation; a disagreement on a clear lead points at the artifact instead.
+    """
+    if want.shape[1] < 2:
+        return ""
+    flipped = np.flatnonzero(have.argmax(1) != want.argmax(1))
+    if not flipped.size:
+        return ""
+    top2 = np.sort(want, axis=1)[:, -2:]
+    lead = top2[:, 1] - top2[:, 0]
+    shown = ", ".join(f"{v:.3f}" for v in np.sort(lead[flipped])[:10])
+    more = f" (+{flipped.size - 10} more)" if flipped.size > 10 else ""
+    return (
+        f"{flipped.size} disagreement(s) where the Keras top-1 probability led the runner-up by {shown}{more} "
+        f"(median lead over all {len(lead)} examples {float(np.median(lead)):.3f})"
+    )
 
 
 def _reload(fmt: str, path: Path, source: _Source) -> Any:
@@ -1094,7 +1322,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_run(
         args.run_dir, args.formats, args.out, calibration_samples=args.calibration_samples,
         parity_samples=args.parity_samples, min_agreement=_parse_min_agreement(args.min_agreement),
-        int8_io=args.int8_io,
+        int8_io=args.int8_io, bias_correction=not args.no_bias_correction,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -1123,5 +1351,7 @@ def add_cli(sub: Any) -> None:
                    help="top-1 agreement each format must reach: a number, or FORMAT=NUMBER,... "
                         "(defaults: 0.99; 0.9 for tflite-dynamic and tflite-int8)")
     p.add_argument("--int8-io", action="store_true", help="the int8 TFLite model takes and returns int8 tensors")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="convert tflite-dynamic/int8 without correcting the mean error of int8 weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_export)
