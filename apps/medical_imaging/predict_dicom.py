@@ -1,0 +1,119 @@
+"""Classifies DICOM (and PNG/JPEG) chest X-rays with a run or an exported model, preprocessing
+each file exactly as ``prepare.py`` did for training.
+
+    python apps/medical_imaging/predict_dicom.py runs/chest_xray scan1.dcm scan2.dcm
+    python apps/medical_imaging/predict_dicom.py saved_models/chest_xray/1/model_fp32.tflite scan.dcm \
+        --run runs/chest_xray
+    python apps/medical_imaging/predict_dicom.py runs/chest_xray scan.dcm --window-center 2048 --window-width 4096
+
+Per file: DICOM -> modality LUT -> window (the ``--window-*`` given, else the header's, else
+percentiles; use what ``prepare.py`` used) -> MONOCHROME1 inverted -> 8-bit grey -> repeated
+to RGB (``dicom_io``); PNG/JPEG files are decoded to RGB. Then the image is resized
+(antialiased) to the run's image size, as tlkit's training pipeline does, and the model
+(run directory, exported SavedModel or ``.tflite``) gives the probabilities.
+
+With ``--run RUN`` (default: TARGET when it is a run directory) the temperature in
+``RUN/calibration.json`` (``tlkit evaluate --calibrate``) is applied, and the decision uses
+the operating threshold in ``RUN/metrics.json`` (``tlkit evaluate``), unless ``--threshold``
+is given. Not a medical device: see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from dicom_io import choose_window, is_dicom, read_dicom, to_display, to_rgb  # beside this script
+
+
+def load_pixels(path: Path, center: float | None, width: float | None) -> tuple[np.ndarray, str]:
+    """(H, W, 3) float32 0..255 and a note on the window used."""
+    if is_dicom(path):
+        image = read_dicom(path)
+        window = None if image.is_colour else choose_window(image, center, width)
+        note = "colour" if window is None else f"window {window.center:g}/{window.width:g} ({window.source})"
+        return to_rgb(to_display(image, window)), note
+    from tlkit.predict import load_image
+
+    return load_image(path), "image file"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def image_size(target: Path, run: Path | None) -> tuple[int, int] | None:
+    """The size the model was trained at: run.json, else the export's metadata.json."""
+    for status in ([run / "run.json"] if run else []) + [target / "run.json"]:
+        size = _read_json(status).get("image_size")
+        if size:
+            return int(size[0]), int(size[1])
+    metadata = _read_json((target if target.is_dir() else target.parent) / "metadata.json")
+    size = metadata.get("source_run", {}).get("image_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", type=Path, help="run directory, exported SavedModel directory or .tflite file")
+    parser.add_argument("files", type=Path, nargs="+", help="DICOM, PNG or JPEG files")
+    parser.add_argument("--run", type=Path, help="the evaluated run: calibration.json and metrics.json threshold")
+    parser.add_argument("--window-center", type=float)
+    parser.add_argument("--window-width", type=float)
+    parser.add_argument("--threshold", type=float, help="decision threshold on the positive class probability")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if (args.window_center is None) != (args.window_width is None):
+        parser.error("give both --window-center and --window-width, or neither")
+
+    import tensorflow as tf
+
+    from tlkit.evaluate import apply_temperature
+    from tlkit.predict import load_predictor
+
+    predictor = load_predictor(args.target)
+    labels = list(predictor.labels)
+    run = args.run or (args.target if (args.target / "model.keras").is_file() else None)
+    temperature = _read_json(run / "calibration.json").get("temperature") if run else None
+    operating = _read_json(run / "metrics.json").get("operating_point") if run else None
+    threshold, source = args.threshold, "--threshold"
+    if threshold is None and isinstance(operating, dict) and "threshold" in operating:
+        threshold, source = float(operating["threshold"]), f"{run}/metrics.json ({operating.get('threshold_source')})"
+    size = image_size(args.target, run)
+    positive = len(labels) - 1  # tlkit's default positive class: the second in sorted order
+    results = []
+    for file in args.files:
+        pixels, note = load_pixels(file, args.window_center, args.window_width)
+        if size:
+            pixels = tf.image.resize(pixels, size, antialias=True).numpy()
+        p = np.asarray(predictor.predict_one(pixels), np.float64)
+        if temperature:
+            p = apply_temperature(p[None], float(temperature))[0]
+        row = {"file": str(file), "preprocessing": note, "probabilities": dict(zip(labels, map(float, p)))}
+        if len(labels) == 2 and threshold is not None:
+            row["decision"] = labels[positive] if p[positive] >= threshold else labels[1 - positive]
+        else:
+            row["decision"] = labels[int(np.argmax(p))]
+        results.append(row)
+    if args.json:
+        print(json.dumps({"threshold": threshold, "threshold_source": source if threshold is not None else None,
+                          "temperature": temperature, "results": results}, indent=1))
+        return 0
+    for row in results:
+        probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
+        print(f"{row['file']}: {row['decision']}  ({probs}; {row['preprocessing']})")
+    if threshold is not None and len(labels) == 2:
+        print(f"decision: {labels[positive]} when p >= {threshold:.3f} ({source})"
+              + (f"; probabilities calibrated with T = {temperature:.3f}" if temperature else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
