@@ -109,3 +109,19 @@ def test_training_order_is_deterministic_under_a_seed(image_folder: Path) -> Non
     first = [t.numpy().argmax(1).tolist() for _, t in make_dataset(examples, names, (8, 8), 4, training=True, seed=5)]
     again = [t.numpy().argmax(1).tolist() for _, t in make_dataset(examples, names, (8, 8), 4, training=True, seed=5)]
     assert first == again
+
+
+def test_pipeline_resize_equals_the_models_resize(tmp_path: Path, tiny_backbone: object) -> None:
+    """Training resizes in the pipeline, serving in the model: both must give the same pixels."""
+    import keras
+
+    from tlkit.model import build_classifier
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (97, 131, 3), np.uint8)).save(tmp_path / "x.png")
+    from tlkit.data.images import decode_and_resize
+
+    pipeline = decode_and_resize(str(tmp_path / "x.png"), (32, 32)).numpy()
+    model = build_classifier("tiny_test", 3, augmentation=None)
+    resize = keras.Model(model.input, model.get_layer("resize").output)
+    raw = np.asarray(Image.open(tmp_path / "x.png"), np.float32)[None]
+    np.testing.assert_allclose(resize(raw)[0], pipeline, atol=1e-3)

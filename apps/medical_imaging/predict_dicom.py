@@ -9,7 +9,8 @@ each file exactly as ``prepare.py`` did for training.
 Per file: DICOM -> modality LUT -> window (the ``--window-*`` given, else the header's, else
 percentiles; use what ``prepare.py`` used) -> MONOCHROME1 inverted -> 8-bit grey -> repeated
 to RGB (``dicom_io``); PNG/JPEG files are decoded to RGB. Then the image is resized
-(antialiased) to the run's image size, as tlkit's training pipeline does, and the model
+(bilinear, as tlkit's training pipeline and the model's own Resizing layer do) to the run's
+image size, and the model
 (run directory, exported SavedModel or ``.tflite``) gives the probabilities.
 
 With ``--run RUN`` (default: TARGET when it is a run directory) the temperature in
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for file in args.files:
         pixels, note = load_pixels(file, args.window_center, args.window_width)
         if size:
-            pixels = tf.image.resize(pixels, size, antialias=True).numpy()
+            pixels = tf.image.resize(pixels, size, method="bilinear").numpy()
         p = np.asarray(predictor.predict_one(pixels), np.float64)
         if temperature:
             p = apply_temperature(p[None], float(temperature))[0]

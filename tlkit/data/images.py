@@ -233,10 +233,15 @@ def encode_labels(examples: Sequence[Example], class_names: Sequence[str]) -> np
 
 
 def decode_and_resize(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """File path -> (H, W, 3) float32 pixels 0..255 at ``image_size``; grayscale and RGBA become RGB."""
+    """File path -> (H, W, 3) float32 pixels 0..255 at ``image_size``; grayscale and RGBA become RGB.
+
+    The resize is the model's own (``keras.layers.Resizing``: bilinear, no antialiasing), so
+    a served model that receives the full-size image sees the pixels training saw. To
+    shrink very large images with antialiasing, do it before training *and* serving.
+    """
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return tf.image.resize(tf.cast(image, tf.float32), image_size, antialias=True)
+    return tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear", antialias=False)
 
 
 def make_batches(
