@@ -216,3 +216,31 @@ def test_head_only_schedule_leaves_a_compiled_model(tiny_backbone: object) -> No
     assert result.feature_seconds > 0
     values = model.evaluate(_batches().batched(), verbose=0, return_dict=True)
     assert "accuracy" in values
+
+
+def _tiny_with_stochastic_depth(weights: str | None = "pretrained") -> keras.Model:
+    from tlkit.layers import StochasticDepth
+
+    base = tiny_cnn(weights)
+    x = StochasticDepth(0.5, noise_shape=(None, 1, 1, 1), name="block2_drop")(base.output)
+    return keras.Model(base.input, x, name="tiny_sd")
+
+
+def test_frozen_backbone_dropout_is_inactive_and_cache_still_matches() -> None:
+    """Keras passes training=True into a frozen nested backbone; its drop-connect must not fire."""
+    spec = backbones.register(tiny_spec("tiny_sd_test", builder=_tiny_with_stochastic_depth), overwrite=True)
+    try:
+        schedule = Schedule((Stage("head", 3, 0, 0.01),))
+        heads = {}
+        for cache in ("memory", "off"):
+            keras.utils.set_random_seed(0)
+            model = build_classifier(spec, 3, augmentation=None, head=HeadConfig(dropout=0.0))
+            fine_tune(model, _batches(), None, schedule, feature_cache=cache, verbose=0)
+            heads[cache] = [w.numpy() for w in model.trainable_weights]
+        for cached, plain in zip(heads["memory"], heads["off"]):
+            np.testing.assert_allclose(cached, plain, rtol=1e-4, atol=1e-5)
+        model.get_layer("backbone").trainable = True
+        x = colour_images(8)[0][:16]  # per-example drop-connect: 16 examples make a repeat mask ~2**-16
+        assert not np.allclose(model(x, training=True), model(x, training=True))  # thawed: it drops
+    finally:
+        backbones.unregister("tiny_sd_test")

@@ -449,11 +449,9 @@ class FeatureCache:
 
 
 def _features(extractor: keras.Model, data: Batches, mode: str, path: Path, memory_limit: int) -> Batches:
-    outputs, targets = [], []
-    for x, y in data.in_order():
-        outputs.append(np.asarray(extractor(x, training=False), dtype=np.float32))
-        targets.append(np.asarray(y))
-    features, labels = np.concatenate(outputs), np.concatenate(targets)
+    # predict runs the extractor as a compiled function (several times faster than eager calls).
+    features = np.asarray(extractor.predict(data.in_order().map(lambda x, y: x), verbose=0), dtype=np.float32)
+    labels = np.concatenate([np.asarray(y) for _, y in data.in_order()])
     if mode == "disk" or features.nbytes > memory_limit:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path.with_suffix(".features.npy"), features)

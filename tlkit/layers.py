@@ -99,3 +99,17 @@ class WaveformStandardization(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class StochasticDepth(keras.layers.Dropout):
+    """Dropout (e.g. a backbone's drop-connect) that is inactive while the layer is frozen.
+
+    Keras 3 passes the outer model's ``training=True`` into a nested, frozen backbone, and
+    plain ``Dropout`` ignores ``trainable``; this layer drops only when it is both training
+    and trainable, so a frozen backbone gives deterministic features (and the feature cache
+    gives the same head as the normal path).
+    """
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        return super().call(inputs, training=bool(training) and self.trainable)

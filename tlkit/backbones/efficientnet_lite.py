@@ -31,6 +31,7 @@ import numpy as np
 from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
 from tlkit.backbones.torch_legacy import load_legacy_state_dict
 from tlkit.errors import ConfigError, WeightsUnavailableError
+from tlkit.layers import StochasticDepth
 from tlkit.resources import imagenet_class_names
 
 __all__ = [
@@ -208,7 +209,7 @@ def _mbconv(x: keras.KerasTensor, block: BlockConfig, drop_rate: float) -> keras
     x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name=p + "project_bn")(x)
     if block.stride == 1 and block.filters_in == block.filters_out:
         if drop_rate > 0:
-            x = keras.layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=p + "drop")(x)
+            x = StochasticDepth(drop_rate, noise_shape=(None, 1, 1, 1), name=p + "drop")(x)
         x = keras.layers.Add(name=p + "add")([x, shortcut])
     return x
 

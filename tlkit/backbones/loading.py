@@ -80,8 +80,9 @@ def _load_keras_file(spec: BackboneSpec, weights: Weights) -> keras.Model:
     return model
 
 
-def available_offline(spec: BackboneSpec) -> bool:
-    """True when pretrained weights for ``spec`` can be loaded without a network."""
+def available_offline(backbone: str | BackboneSpec) -> bool:
+    """True when pretrained weights for a backbone (name, handle or spec) load without a network."""
+    spec = get(backbone)
     if spec.source == "keras_applications":
         return keras_apps.available_offline(spec)
     if spec.source in ("tfhub", "savedmodel"):
