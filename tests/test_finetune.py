@@ -77,7 +77,7 @@ def test_savedmodel_backbone_two_stages(tmp_path: Path) -> None:
     assert not any("moving" in p for p in after_top)
 
 
-def test_discriminative_learning_rates(tiny_backbone: object) -> None:
+def test_discriminative_learning_rates(tiny_backbone: object, tmp_path: Path) -> None:
     """Two thawed groups at decay 0.1: the deeper group moves much less than the top one."""
     model = build_classifier("tiny_test", 3, augmentation=None)
     base = model.get_layer("backbone")
@@ -87,6 +87,12 @@ def test_discriminative_learning_rates(tiny_backbone: object) -> None:
     moved = {k: float(np.abs(base.get_layer(k).kernel.numpy() - v).mean()) for k, v in before.items()}
     assert moved["block1_conv"] > 0
     assert moved["block2_conv"] > 3 * moved["block1_conv"], moved
+    # The per-group optimizer is not left behind: the model saves and reloads in safe mode.
+    path = tmp_path / "glr.keras"
+    model.save(path)
+    x = colour_images(2)[0][:4]
+    np.testing.assert_array_equal(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0),
+                                  model.predict(x, verbose=0))
 
 
 def test_run_dir_resume_skips_finished_stages(tiny_backbone: object, tmp_path: Path) -> None:

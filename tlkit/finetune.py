@@ -386,9 +386,12 @@ def fine_tune(
         )
         if run is not None:
             _write_merged(run, records)
-    if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
-        # Every stage ran on cached features (only the head model was compiled): leave the
-        # full model compiled too, so evaluate/fit work on it as after any other schedule.
+    optimizer = getattr(model, "optimizer", None)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(model, "compiled", False) or optimizer is None or isinstance(inner, keras.optimizers.MultiOptimizer):
+        # Leave a model that evaluates, fits and saves like any Keras model: compiled (also when
+        # every stage ran on cached features, where only the head model was compiled) and
+        # with a plain optimizer (a per-group MultiOptimizer cannot be deserialised).
         with strategy.scope():
             model.compile(
                 optimizer=keras.optimizers.Adam(schedule.stages[-1].learning_rate),
