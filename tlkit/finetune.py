@@ -398,6 +398,7 @@ def fine_tune(
                 loss=loss,
                 metrics=list(metrics) if metrics is not None else classification_metrics(head, num_classes),
             )
+            model.optimizer.build(model.trainable_variables)
     result.history = list(records)
     result.seconds = time.monotonic() - start
     scratch.cleanup()
