@@ -72,6 +72,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return format_table(headers, rows)
 
 
+def backbone_and_weights(name: str, choice: str) -> tuple[Any, str | None]:
+    """The backbone's spec and the ``weights`` argument for ``--weights auto|random|pretrained``
+    (``auto``: pretrained when available offline, else random init)."""
+    from tlkit.backbones import available_offline, get
+
+    spec = get(name)
+    if choice == "auto":
+        return spec, "pretrained" if available_offline(spec) else None
+    return spec, "pretrained" if choice == "pretrained" else None
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     import tlkit
-    from tlkit.backbones.loading import available_offline
 
     try:
         from tlkit.export import FORMATS, export_run, load_exported_predictor
@@ -88,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlkit.export is not available ({exc}); this script needs tlkit.export.export_run", file=sys.stderr)
         return 2
 
-    spec = tlkit.get(args.backbone)
-    if args.weights == "auto":
-        weights = "pretrained" if available_offline(spec) else None
-    else:
-        weights = "pretrained" if args.weights == "pretrained" else None
+    spec, weights = _common.backbone_and_weights(args.backbone, args.weights)
     work = _common.scratch("export")
     root = Path(args.keep) if args.keep else Path(work.name)
     root.mkdir(parents=True, exist_ok=True)

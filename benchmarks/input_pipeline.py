@@ -112,15 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     import tlkit
-    from tlkit.backbones.loading import available_offline
     from tlkit.data.images import make_batches
     from tlkit.model import classification_loss, classification_metrics
 
-    spec = tlkit.get(args.backbone)
-    if args.weights == "auto":
-        weights = "pretrained" if available_offline(spec) else None
-    else:
-        weights = "pretrained" if args.weights == "pretrained" else None
+    spec, weights = _common.backbone_and_weights(args.backbone, args.weights)
     size = (args.image_size, args.image_size)
     work = _common.scratch("input")
     examples, class_names = _common.digits_examples(work.name, args.per_class or None, size=args.file_size)

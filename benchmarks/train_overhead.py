@@ -137,14 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     import tlkit
-    from tlkit.backbones.loading import available_offline
     from tlkit.data.images import make_batches
 
-    spec = tlkit.get(args.backbone)
-    if args.weights == "auto":
-        weights = "pretrained" if available_offline(spec) else None
-    else:
-        weights = "pretrained" if args.weights == "pretrained" else None
+    spec, weights = _common.backbone_and_weights(args.backbone, args.weights)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     size = (args.image_size, args.image_size)
