@@ -67,14 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     import tlkit
-    from tlkit.backbones.loading import available_offline
     from tlkit.data.images import load_splits, make_batches
 
-    spec = tlkit.get(args.backbone)
-    if args.weights == "auto":
-        weights = "pretrained" if available_offline(spec) else None
-    else:
-        weights = "pretrained" if args.weights == "pretrained" else None
+    spec, weights = _common.backbone_and_weights(args.backbone, args.weights)
     size = (args.image_size, args.image_size)
     work = _common.scratch("cached")
     folder = _common.digits_folder(work.name, args.per_class or None)
@@ -144,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
           f"= {features / t_u:.2f} uncached epochs")
     print(f"break-even: the cache is ahead after {break_even:.2f} epochs "
           f"(feature s / (uncached - cached epoch s)); i.e. from epoch {math.floor(break_even) + 1} on")
+    from tlkit.layers import StochasticDepth  # inactive while frozen, so it does not split the paths
+
     dropouts = [layer.name for layer in model.get_layer("backbone")._flatten_layers(include_self=False)
-                if isinstance(layer, keras.layers.Dropout)]
+                if isinstance(layer, keras.layers.Dropout) and not isinstance(layer, StochasticDepth)]
     if dropouts:
         print(f"note: the backbone holds {len(dropouts)} Dropout layers (e.g. {dropouts[0]!r}); in the uncached path "
               "they stay active while the frozen backbone runs inside training steps (Keras 3 passes the outer "
