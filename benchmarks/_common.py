@@ -67,7 +67,7 @@ def print_machine(info: dict[str, Any]) -> None:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    from tlkit.cli import format_table
+    from tlkit.text import format_table
 
     return format_table(headers, rows)
 

@@ -17,38 +17,69 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
-from tlkit.audio_augment import AudioAugmentation
-from tlkit.backbones import (
-    AudioFrontend,
-    BackboneSpec,
-    ImagePreprocessing,
-    available_offline,
-    get,
-    list_backbones,
-    load_backbone,
-    prefetch,
-    register,
-)
-from tlkit.config import RunConfig, load_config
-from tlkit.errors import (
-    BackboneNotFoundError,
-    ConfigError,
-    DataError,
-    ExportError,
-    IntegrityError,
-    TlkitError,
-    UnsafeCheckpointError,
-    WeightsUnavailableError,
-)
-from tlkit.evaluate import EvaluationReport, evaluate_run
-from tlkit.explain import grad_cam
-from tlkit.export import ExportReport, export_run
-from tlkit.finetune import FineTuneResult, Schedule, Stage, fine_tune
-from tlkit.layers import ImageNormalization
-from tlkit.model import HeadConfig, ImageAugmentation, build_classifier, split_head
-from tlkit.run import RunResult, load_run_model, train
+# The public names and the module each lives in. Nothing is imported until a name is used
+# (PEP 562), so ``import tlkit`` and the CLI's ``--help`` start without TensorFlow.
+_EXPORTS: dict[str, str] = {
+    "AudioAugmentation": "tlkit.audio_augment",
+    "AudioFrontend": "tlkit.backbones",
+    "BackboneSpec": "tlkit.backbones",
+    "ImagePreprocessing": "tlkit.backbones",
+    "available_offline": "tlkit.backbones",
+    "get": "tlkit.backbones",
+    "list_backbones": "tlkit.backbones",
+    "load_backbone": "tlkit.backbones",
+    "prefetch": "tlkit.backbones",
+    "register": "tlkit.backbones",
+    "RunConfig": "tlkit.config",
+    "load_config": "tlkit.config",
+    "BackboneNotFoundError": "tlkit.errors",
+    "ConfigError": "tlkit.errors",
+    "DataError": "tlkit.errors",
+    "ExportError": "tlkit.errors",
+    "IntegrityError": "tlkit.errors",
+    "TlkitError": "tlkit.errors",
+    "UnsafeCheckpointError": "tlkit.errors",
+    "WeightsUnavailableError": "tlkit.errors",
+    "EvaluationReport": "tlkit.evaluate",
+    "evaluate_run": "tlkit.evaluate",
+    "grad_cam": "tlkit.explain",
+    "ExportReport": "tlkit.export",
+    "export_run": "tlkit.export",
+    "FineTuneResult": "tlkit.finetune",
+    "Schedule": "tlkit.finetune",
+    "Stage": "tlkit.finetune",
+    "fine_tune": "tlkit.finetune",
+    "ImageNormalization": "tlkit.layers",
+    "HeadConfig": "tlkit.model",
+    "ImageAugmentation": "tlkit.model",
+    "build_classifier": "tlkit.model",
+    "split_head": "tlkit.model",
+    "InputContract": "tlkit.rundir",
+    "RunDir": "tlkit.rundir",
+    "RunResult": "tlkit.run",
+    "load_run_model": "tlkit.run",
+    "train": "tlkit.run",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
+    "InputContract",
+    "RunDir",
     "AudioAugmentation",
     "AudioFrontend",
     "BackboneNotFoundError",

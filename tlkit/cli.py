@@ -1,8 +1,8 @@
-"""The ``tlkit`` command line: train, evaluate, predict, export, backbones, fetch, demo.
+"""The ``tlkit`` command line: every sub-command's arguments are declared here, and nowhere else.
 
-Each command module that is bigger than a few lines registers its own sub-command via
-an ``add_cli(subparsers)`` function; this module only wires them and turns tlkit errors
-into a one-line message and exit status 2.
+Building the parser imports nothing heavy: each handler imports the module that does the
+work when it runs, so ``tlkit --help`` and ``tlkit COMMAND --help`` start without TensorFlow
+(a test pins it). tlkit errors become a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tlkit.errors import ConfigError, TlkitError
+from tlkit.text import format_table
+
+EXPORT_FORMATS_HELP = "savedmodel,keras,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with a header rule (used by every command that prints one)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+# --------------------------------------------------------------------------- handlers
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -73,50 +73,162 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.gradcam < 0:
+        raise ConfigError(f"--gradcam must be >= 0, got {args.gradcam}")
+    from tlkit.evaluate import evaluate_run
+
+    report = evaluate_run(
+        args.run_dir, args.data, out=args.out, threshold=args.threshold, calibrate=args.calibrate,
+        gradcam=args.gradcam, positive=args.positive, batch_size=args.batch_size,
+    )
+    print(report.summary())
+    return 0
+
+
+def parse_min_agreement(text: str | None) -> float | dict[str, float] | None:
+    """``--min-agreement``: ``"0.95"`` or ``"tflite-int8=0.85,keras=0.99"``."""
+    if text is None:
+        return None
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError as exc:
+            raise ConfigError(f"--min-agreement {text!r}: give a number or FORMAT=NUMBER,...") from exc
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        fmt, _, value = part.partition("=")
+        try:
+            values[fmt.strip()] = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"--min-agreement {part!r}: expected FORMAT=NUMBER, e.g. tflite-int8=0.85") from exc
+    return values
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tlkit.export import export_run
+
+    report = export_run(
+        args.run_dir, args.formats, args.out, calibration_samples=args.calibration_samples,
+        parity_samples=args.parity_samples, min_agreement=parse_min_agreement(args.min_agreement),
+        int8_io=args.int8_io, bias_correction=not args.no_bias_correction,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0
+    print(report.table())
+    print(f"\nparity on {report.results[0].samples if report.results else 0} {report.parity_split} examples; "
+          f"latency = one example, median, this machine")
+    print(f"wrote {report.out_dir} (version {report.version})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tlkit.demo import DemoConfig, run_demo
+
+    given = {k: getattr(args, k) for k in ("labels_per_class", "image_size", "seed", "head_epochs",
+                                           "fine_tune_epochs") if getattr(args, k) is not None}
+    run_demo(DemoConfig(**given))
+    return 0
+
+
+def _cmd_sample_data(args: argparse.Namespace) -> int:
+    from tlkit.sample_data import write_digits
+
+    root = write_digits(args.out, args.per_class or None, args.size, args.seed)
+    print(f"wrote {sum(1 for _ in root.rglob('*.png'))} images in 10 class folders under {root}")
+    return 0
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], **kwargs: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tlkit`` argument parser (imports no TensorFlow)."""
     parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning for vision and speech with Keras.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a classifier in stages from a TOML/YAML config")
+    p = _add(sub, "train", _cmd_train, help="fine-tune a classifier in stages from a TOML/YAML config")
     p.add_argument("config", help="run config (.toml, .yaml or .json)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("predict", help="classify files with a run directory or an exported model")
+    p = _add(sub, "predict", _cmd_predict, help="classify files with a run directory or an exported model")
     p.add_argument("target", help="run directory, exported SavedModel directory or .tflite file")
     p.add_argument("files", nargs="+", help="image or audio files (wav, flac, ogg, mp3)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--crops", type=int, default=None,
                    help="audio: crops averaged per file (default: the run's eval_crops)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("backbones", help="list the backbone registry")
+    p = _add(sub, "backbones", _cmd_backbones, help="list the backbone registry")
     p.add_argument("--modality", choices=("image", "audio"))
-    p.set_defaults(func=_cmd_backbones)
 
-    p = sub.add_parser("fetch", help="download or convert pretrained weights into the local cache")
+    p = _add(sub, "fetch", _cmd_fetch, help="download or convert pretrained weights into the local cache")
     p.add_argument("names", nargs="+", help="backbone names or hub handles")
-    p.set_defaults(func=_cmd_fetch)
 
-    from tlkit import demo, evaluate, sample_data
+    p = _add(sub, "evaluate", _cmd_evaluate,
+             help="evaluate a run: metrics, plots, calibration, Grad-CAM and a report.md",
+             description="Writes report.md, metrics.json, misclassified.csv and evaluation/*.png into the run "
+                         "directory (or --out) and prints a summary.")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--data", help="a class folder or CSV manifest instead of the run's test split")
+    p.add_argument("--out", help="write the report here instead of the run directory")
+    p.add_argument("--threshold", type=float,
+                   help="binary / multi-label decision threshold and operating point (default: arg-max / 0.5 "
+                        "decisions, operating point by Youden's J on the validation split)")
+    p.add_argument("--positive", help="binary models: the positive class (default: the second class)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit temperature scaling on the validation split; saves RUN_DIR/calibration.json")
+    p.add_argument("--gradcam", type=int, default=6, metavar="N",
+                   help="Grad-CAM overlays of the N most confident right and wrong examples (0: none; default 6)")
+    p.add_argument("--batch-size", type=int, default=32)
 
-    evaluate.add_cli(sub)
-    demo.add_cli(sub)
-    sample_data.add_cli(sub)
-    try:
-        from tlkit import export
-    except ImportError:  # pragma: no cover - export lands separately
-        export = None  # type: ignore[assignment]
-    if export is not None and hasattr(export, "add_cli"):
-        export.add_cli(sub)
+    p = _add(sub, "export", _cmd_export,
+             help="export a run as SavedModel, .keras and TFLite (fp32/fp16/dynamic/int8), each verified")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--formats", default=None, metavar="LIST",
+                   help=f"comma-separated, from {EXPORT_FORMATS_HELP} (default: all that apply)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory holding the version folders (default saved_models/<name>)")
+    p.add_argument("--calibration-samples", type=int, default=100, metavar="N",
+                   help="training examples to calibrate the int8 model on (default 100)")
+    p.add_argument("--parity-samples", type=int, default=50, metavar="N",
+                   help="held-out examples each artifact is checked on (default 50)")
+    p.add_argument("--min-agreement", default=None, metavar="X|FORMAT=X,...",
+                   help="top-1 agreement each format must reach: a number, or FORMAT=NUMBER,... "
+                        "(defaults: 0.99; 0.9 for tflite-dynamic and tflite-int8)")
+    p.add_argument("--int8-io", action="store_true", help="the int8 TFLite model takes and returns int8 tensors")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="convert tflite-dynamic/int8 without correcting the mean error of int8 weights")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = _add(sub, "demo", _cmd_demo, help="measure the transfer gain offline on real data that ships with packages")
+    p.add_argument("--labels-per-class", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--head-epochs", type=int, default=None)
+    p.add_argument("--fine-tune-epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+    p = _add(sub, "sample-data", _cmd_sample_data,
+             help="write a small real dataset shipped in a package as class folders")
+    p.add_argument("dataset", choices=("digits",))
+    p.add_argument("out", help="output folder (new or empty)")
+    p.add_argument("--per-class", type=int, default=30, help="images per class (0 = all, about 180)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tlkit`` console script."""
-    from tlkit.errors import TlkitError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

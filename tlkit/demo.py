@@ -13,7 +13,6 @@ It prints a table of test accuracy for both.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from dataclasses import dataclass
@@ -124,7 +123,7 @@ def run_demo(cfg: DemoConfig | None = None, verbose: bool = True) -> list[dict[s
 
 
 def print_report(cfg: DemoConfig, data: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict[str, Any]]) -> None:
-    from tlkit.cli import format_table
+    from tlkit.text import format_table
 
     print()
     print(
@@ -146,22 +145,3 @@ def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(labels_per_class=args.labels_per_class, image_size=args.image_size, seed=args.seed,
-                     head_epochs=args.head_epochs, fine_tune_epochs=args.fine_tune_epochs)
-    run_demo(cfg)
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    """Registers ``tlkit demo``."""
-    defaults = DemoConfig()
-    p = sub.add_parser("demo", help="measure the transfer gain offline on scikit-learn's digits")
-    p.add_argument("--labels-per-class", type=int, default=defaults.labels_per_class)
-    p.add_argument("--image-size", type=int, default=defaults.image_size)
-    p.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
-    p.add_argument("--fine-tune-epochs", type=int, default=defaults.fine_tune_epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.set_defaults(func=_cmd_demo)

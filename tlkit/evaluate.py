@@ -103,7 +103,7 @@ class EvaluationReport:
 
         With more than ``max_classes`` classes only the ones with the lowest F1 are listed.
         """
-        from tlkit.cli import format_table
+        from tlkit.text import format_table
 
         m = self.metrics
         auc = m["task"] != "multiclass" or any(v.get("roc_auc") is not None for v in m["per_class"].values())

@@ -170,7 +170,7 @@ class ExportReport:
 
     def table(self) -> str:
         """The parity table as plain text (format, file, size, max |dp|, agreement, latency)."""
-        from tlkit.cli import format_table
+        from tlkit.text import format_table
 
         rows = [
             (

@@ -1,18 +1,6 @@
 """A training run: config in, run directory out; an interrupted run resumes.
 
-Run directory layout::
-
-    config.json         the config as used (paths resolved)
-    labels.json         class names, in output order
-    splits.json         the files of the train / val / test splits
-    skipped.csv         unreadable files with the reason (only when some were skipped)
-    history.json        merged per-epoch history across stages (+ history.jsonl, appended live)
-    logs/<stage>/       TensorBoard logs
-    checkpoints/<stage>/  best and final weights of each stage, and a backup for resuming
-    model.keras         the final model (loads with safe_mode=True after `import tlkit`)
-    run.json            status, backbone, test metrics, timings, versions; image runs add
-                        ``image_size``, audio runs ``modality``, ``sample_rate``,
-                        ``clip_seconds`` (the training crop) and ``eval_crops``
+The run directory's files are owned by :class:`tlkit.rundir.RunDir` (see its module docstring).
 
 Audio runs: the backbone is an audio spec (a registered one, or a ``.keras`` file /
 SavedModel directory when the data folder or manifest holds audio files). Every file is
@@ -25,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,16 +22,17 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-import tlkit.frontends  # noqa: F401  (registers LogMelSpectrogram, so model.keras files load)
-from tlkit.audio_augment import AudioAugmentation  # (also registers the AudioAugment layer)
+from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
-from tlkit.config import DataConfig, RunConfig, config_from_dict, load_config
+from tlkit.config import DataConfig, RunConfig, load_config
 from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
 from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, encode_labels, load_splits, make_batches
 from tlkit.errors import ConfigError
+from tlkit.fileio import atomic_save, versions
 from tlkit.finetune import FineTuneResult, fine_tune
 from tlkit.model import HeadConfig, build_classifier, classification_loss, classification_metrics
+from tlkit.rundir import InputContract, RunDir, model_name
 
 
 @dataclass
@@ -72,62 +60,10 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
     raise ConfigError(f"unknown distribution strategy {kind!r}")
 
 
-def _splits_to_json(splits: Splits) -> dict[str, Any]:
-    def rows(examples: list[Example]) -> list[dict[str, Any]]:
-        return [{"path": e.path, "labels": list(e.labels), "group": e.group} for e in examples]
-
-    return {"class_names": splits.class_names, "train": rows(splits.train), "val": rows(splits.val),
-            "test": rows(splits.test)}
-
-
-def load_split(run_dir: str | Path, split: str = "test") -> tuple[list[Example], list[str]]:
-    """The examples of one split of a finished run, and its class names."""
-    raw = json.loads((Path(run_dir) / "splits.json").read_text(encoding="utf-8"))
-    examples = [Example(r["path"], tuple(r["labels"]), r.get("group")) for r in raw[split]]
-    return examples, raw["class_names"]
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config a run was made with."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a tlkit run directory (no config.json)")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    return config_from_dict(raw, Path(run_dir), source=raw.get("source"))
-
-
 def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
-    """The final model of a run and its class names.
-
-    ``model.keras`` is loaded with Keras's safe mode on. A model whose backbone is a
-    SavedModel (TF-Hub or local) cannot be deserialised in safe mode (its graph is code), so
-    such a run is rebuilt from its config and the backbone the config names, and its trained
-    weights (``model.weights.h5``) are loaded into it.
-    """
-    run = Path(run_dir)
-    model_path = run / "model.keras"
-    if not model_path.is_file():
-        raise ConfigError(f"run {str(run)!r} has no model.keras yet; finish it with `tlkit train` first")
-    import tlkit.layers  # noqa: F401  (registers tlkit's layers for deserialisation)
-
-    labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
-    status = _read_status(run)
-    if status.get("backbone_source") not in ("tfhub", "savedmodel"):
-        return keras.saving.load_model(model_path, safe_mode=True), labels
-    cfg = load_run_config(run)
-    spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
-                    modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
-    weights = run / "model.weights.h5"
-    if not weights.is_file():
-        raise ConfigError(f"run {str(run)!r} has a SavedModel backbone but no model.weights.h5; retrain it")
-    augmentation = cfg.augmentation if spec.modality == "image" else _audio_augmentation(cfg.augmentation, 0)
-    size = tuple(status["image_size"]) if status.get("image_size") else None
-    model = build_classifier(
-        spec, len(labels), weights="pretrained", head=cfg.head, augmentation=augmentation,
-        image_size=size, seed=cfg.seed, name=_model_name(cfg.name),  # type: ignore[arg-type]
-    )
-    model.load_weights(weights)
-    return model, labels
+    """The final model of a run and its class names (see :meth:`tlkit.rundir.RunDir.load_model`)."""
+    run = RunDir(run_dir)
+    return run.load_model(), run.labels()
 
 
 def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -> RunResult:
@@ -139,40 +75,36 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     verbose = cfg.training.verbose if verbose is None else verbose
-    run = Path(cfg.output_dir)
+    rundir = RunDir(cfg.output_dir)
+    run = rundir.path
     _check_run_dir(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
-    if cfg.source and Path(cfg.source).is_file():
-        (run / f"config.original{Path(cfg.source).suffix}").write_text(
-            Path(cfg.source).read_text(encoding="utf-8"), encoding="utf-8"
-        )
-    status = _read_status(run)
-    if status.get("status") == "complete" and (run / "model.keras").is_file():
-        model, labels = load_run_model(run)
+    rundir.write_config(cfg)
+    status = rundir.status()
+    if rundir.is_complete:
         _say(verbose, f"run {run} is already complete; nothing to do")
-        return RunResult(run, model, labels, None, status.get("test_metrics", {}))
+        return RunResult(run, rundir.load_model(), rundir.labels(), None, status.get("test_metrics", {}))
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.training.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.training.mixed_precision)
     spec = _resolve_spec(cfg)
     if spec.modality == "audio":
-        data = _prepare_audio(cfg, spec, run, verbose)
+        data = _prepare_audio(cfg, spec, rundir, verbose)
     else:
-        data = _prepare_images(cfg, spec, run, verbose)
+        data = _prepare_images(cfg, spec, rundir, verbose)
     splits, train_ds, val_ds = data.splits, data.train, data.val
     strategy = make_strategy(cfg.training.distribute)
     with strategy.scope():
         model = build_classifier(
             spec, len(splits.class_names), weights=cfg.backbone.weights, head=cfg.head,
-            augmentation=data.augmentation, image_size=data.image_size, seed=cfg.seed, name=_model_name(cfg.name),
+            augmentation=data.augmentation, image_size=data.image_size, seed=cfg.seed, name=model_name(cfg.name),
         )
     weights = None
     if cfg.data.class_weights and not cfg.head.multi_label:
         weights = class_weights(splits.train, splits.class_names)
     started = time.time()
-    _write_status(run, {"status": "training", "backbone": spec.name, "started": started})
+    rundir.write_status({"status": "training", "backbone": spec.name, "started": started})
     history = fine_tune(
         model, train_ds, val_ds, cfg.schedule, head=cfg.head, run_dir=run, strategy=strategy,
         class_weight=weights, jit_compile=cfg.training.jit_compile, feature_cache=cfg.training.feature_cache,
@@ -188,15 +120,15 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
             metrics=classification_metrics(cfg.head, len(splits.class_names)),
         )
         model.optimizer.build(model.trainable_variables)
-    model.save(run / "model.keras")
-    model.save_weights(run / "model.weights.h5")  # for rebuilding SavedModel-backbone runs (load_run_model)
-    _write_status(run, {
+    atomic_save(rundir.file(RunDir.MODEL), model.save)
+    atomic_save(rundir.file(RunDir.WEIGHTS), model.save_weights)  # for rebuilding SavedModel-backbone runs
+    rundir.write_status({
         "status": "complete", "backbone": spec.name, "backbone_source": spec.source,
         "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
-        **data.status, "versions": _versions(),
+        **data.status, "versions": versions(),
     })
-    _say(verbose, f"wrote {run / 'model.keras'}")
+    _say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
     return RunResult(run, model, splits.class_names, history, test_metrics)
 
 
@@ -244,13 +176,13 @@ def _data_modality(data: DataConfig, limit: int = 200) -> str | None:
     return "image" if images else None
 
 
-def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int | str) -> _RunData:
+def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
     splits = load_splits(
         cfg.data.path, cfg.data.manifest, val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
     )
     _say(verbose, splits.summary())
-    _write_data_files(run, splits)
+    run.write_data(splits)
     size = (cfg.backbone.image_size,) * 2 if cfg.backbone.image_size else spec.image_size
     make = lambda examples, training: make_batches(  # noqa: E731
         examples, splits.class_names, size, cfg.data.batch_size, training=training, seed=cfg.seed,
@@ -265,10 +197,11 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int 
         test_metrics = {k: float(v) for k, v in values.items()}
         return test_metrics
 
-    return _RunData(splits, train_ds, val_ds, evaluate_test, cfg.augmentation, size, {"image_size": list(size)})
+    contract = InputContract("image", size)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, cfg.augmentation, size, contract.to_status())
 
 
-def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int | str) -> _RunData:
+def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
     frontend = spec.preprocessing
     if not isinstance(frontend, AudioFrontend):
         raise ConfigError(f"audio backbone {spec.name!r} has no AudioFrontend preprocessing: {frontend!r}")
@@ -284,7 +217,7 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int |
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
     )
     _say(verbose, splits.summary())
-    _write_data_files(run, splits)
+    run.write_data(splits)
     batch = cfg.data.batch_size
     train_ds = make_audio_dataset(
         splits.train, splits.class_names, splits.waveforms, clip, batch, training=True, seed=cfg.seed
@@ -299,7 +232,7 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: Path, verbose: int |
             batch_size=batch,
         )
 
-    status = {"modality": "audio", "sample_rate": rate, "clip_seconds": clip / rate, "eval_crops": crops}
+    status = InputContract("audio", None, rate, clip / rate, crops).to_status()
     augmentation = _audio_augmentation(cfg.augmentation, verbose)
     return _RunData(splits, train_ds, val_ds, evaluate_test, augmentation, None, status)
 
@@ -362,11 +295,6 @@ def evaluate_audio(
     return results
 
 
-def _model_name(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    return cleaned or "tlkit_classifier"
-
-
 def _check_run_dir(run: Path, cfg: RunConfig) -> None:
     previous = run / "config.json"
     if not previous.is_file():
@@ -385,36 +313,6 @@ def _check_run_dir(run: Path, cfg: RunConfig) -> None:
             f"run directory {str(run)!r} was made with a different config (differs in {changed}); "
             "to resume use the same config, otherwise set another output_dir or delete the directory"
         )
-
-
-def _write_data_files(run: Path, splits: Splits) -> None:
-    (run / "labels.json").write_text(json.dumps(splits.class_names, indent=1), encoding="utf-8")
-    (run / "splits.json").write_text(json.dumps(_splits_to_json(splits)), encoding="utf-8")
-    if splits.skipped:
-        with open(run / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(splits.skipped)
-
-
-def _read_status(run: Path) -> dict[str, Any]:
-    path = run / "run.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _write_status(run: Path, status: dict[str, Any]) -> None:
-    tmp = run / "run.json.tmp"
-    tmp.write_text(json.dumps(status, indent=1), encoding="utf-8")
-    tmp.replace(run / "run.json")
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-
-    import tlkit
-
-    return {"tlkit": tlkit.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
 
 
 def _say(verbose: int | str, message: str) -> None:

@@ -7,9 +7,7 @@ BSD-3-Clause via scikit-learn; originally the UCI optical digits set) as PNG fil
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,20 +34,3 @@ def write_digits(out: str | Path, per_class: int | None = 30, size: int = 32, se
             image = Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).convert("RGB")
             image.save(folder / f"digit_{i:04d}.png")
     return root
-
-
-def _cmd_sample_data(args: argparse.Namespace) -> int:
-    root = write_digits(args.out, args.per_class or None, args.size, args.seed)
-    print(f"wrote {sum(1 for _ in root.rglob('*.png'))} images in 10 class folders under {root}")
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    """Registers ``tlkit sample-data``."""
-    p = sub.add_parser("sample-data", help="write a small real dataset shipped in a package as class folders")
-    p.add_argument("dataset", choices=("digits",))
-    p.add_argument("out", help="output folder (new or empty)")
-    p.add_argument("--per-class", type=int, default=30, help="images per class (0 = all, about 180)")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_sample_data)

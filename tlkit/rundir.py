@@ -1,0 +1,368 @@
+"""The run directory, tlkit's own file format: one owner for its file names, readers and writers.
+
+Layout (every file written atomically, see :mod:`tlkit.fileio`)::
+
+    config.json           the config as used (paths resolved)
+    config.original.*     the config file as the user wrote it
+    labels.json           class names, in output order
+    splits.json           the files of the train / val / test splits
+    skipped.csv           unreadable files with the reason (only when some were skipped)
+    history.json          merged per-epoch history across stages (+ history.jsonl, appended live)
+    logs/<stage>/         TensorBoard logs
+    checkpoints/<stage>/  best and final weights of each stage, and a backup for resuming
+    model.keras           the final model (loads with safe_mode=True after ``import tlkit``)
+    model.weights.h5      its weights (SavedModel-backbone runs are rebuilt from config + these)
+    calibration.json      ``{"temperature": T}`` once a temperature was fitted
+    run.json              status, backbone and its source, test metrics, timings, versions and the
+                          input contract (``modality``, ``image_size`` or ``sample_rate``,
+                          ``clip_seconds``, ``eval_crops``)
+
+Training, evaluation, export, predict and the apps read a run only through :class:`RunDir`;
+the model-loading policy (safe mode; how SavedModel-backbone runs are rebuilt) lives in
+:meth:`RunDir.load_model` alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from tlkit.audio_augment import AudioAugmentation
+from tlkit.backbones.registry import get as get_spec
+from tlkit.config import RunConfig, config_from_dict
+from tlkit.data.images import Example, Splits
+from tlkit.errors import ConfigError, TlkitError
+from tlkit.fileio import atomic_write_text, read_json, write_json
+from tlkit.model import build_classifier
+from tlkit.registration import register_serializables
+
+#: Backbone sources whose ``.keras`` serialisation is a TensorFlow graph, which Keras's safe mode
+#: refuses by rule: such runs are rebuilt from their config and ``model.weights.h5``.
+GRAPH_SOURCES = ("tfhub", "savedmodel")
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a run's model takes: the one answer to "is this an audio run?" and its sizes.
+
+    Attributes:
+        modality: ``"image"`` or ``"audio"``.
+        image_size: ``(height, width)`` the model resizes to (images).
+        sample_rate: Hz of the waveform the model takes (audio).
+        clip_seconds: the training / evaluation crop (audio).
+        eval_crops: crops averaged per clip when scoring (audio; 1 for images).
+    """
+
+    modality: str
+    image_size: tuple[int, int] | None = None
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
+    eval_crops: int = 1
+
+    @property
+    def is_audio(self) -> bool:
+        return self.modality == "audio"
+
+    @property
+    def clip_samples(self) -> int | None:
+        """Samples per crop (audio with a crop length), else ``None``."""
+        if not self.is_audio or not self.sample_rate or not self.clip_seconds:
+            return None
+        return max(1, int(round(self.clip_seconds * self.sample_rate)))
+
+    def to_status(self) -> dict[str, Any]:
+        """The ``run.json`` keys that record this contract."""
+        if self.is_audio:
+            return {"modality": "audio", "sample_rate": self.sample_rate, "clip_seconds": self.clip_seconds,
+                    "eval_crops": self.eval_crops}
+        return {"modality": "image", "image_size": list(self.image_size) if self.image_size else None}
+
+
+class RunDir:
+    """A run directory: ``RunDir("runs/flowers").labels()``, ``.split("test")``, ``.load_model()``.
+
+    Readers raise :class:`~tlkit.errors.ConfigError` naming the file and the fix when a file is
+    missing or unreadable; writers are atomic.
+    """
+
+    CONFIG = "config.json"
+    LABELS = "labels.json"
+    SPLITS = "splits.json"
+    SKIPPED = "skipped.csv"
+    HISTORY = "history.json"
+    HISTORY_LIVE = "history.jsonl"
+    STATUS = "run.json"
+    MODEL = "model.keras"
+    WEIGHTS = "model.weights.h5"
+    CALIBRATION = "calibration.json"
+    CHECKPOINTS = "checkpoints"
+    LOGS = "logs"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        """The path of one of the run's files (a class constant such as ``RunDir.MODEL``)."""
+        return self.path / name
+
+    # --- what the directory is -------------------------------------------------------------
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """Whether ``path`` is a run directory (has ``config.json`` and ``model.keras``)."""
+        p = Path(path)
+        return (p / RunDir.CONFIG).is_file() and (p / RunDir.MODEL).is_file()
+
+    @property
+    def is_complete(self) -> bool:
+        return self.status().get("status") == "complete" and self.file(self.MODEL).is_file()
+
+    def require_model(self) -> Path:
+        """``model.keras``, or a ConfigError saying how to finish the run."""
+        model = self.file(self.MODEL)
+        if not model.is_file() or not self.file(self.CONFIG).is_file():
+            raise ConfigError(
+                f"{str(self.path)!r} is not a finished tlkit run (needs {self.CONFIG} and {self.MODEL}); "
+                "finish it with `tlkit train` first"
+            )
+        return model
+
+    # --- config ----------------------------------------------------------------------------
+
+    def raw_config(self) -> dict[str, Any]:
+        """``config.json`` as a dict."""
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            raise ConfigError(f"{str(self.path)!r} is not a tlkit run directory (no {self.CONFIG})")
+        return self._json(path)
+
+    def config(self) -> RunConfig:
+        """The config the run was made with."""
+        raw = self.raw_config()
+        return config_from_dict(raw, self.path, source=raw.get("source"))
+
+    def write_config(self, cfg: RunConfig) -> None:
+        write_json(self.file(self.CONFIG), cfg.to_dict())
+        if cfg.source and Path(cfg.source).is_file():
+            original = self.file(f"config.original{Path(cfg.source).suffix}")
+            atomic_write_text(original, Path(cfg.source).read_text(encoding="utf-8"))
+
+    # --- labels and splits -----------------------------------------------------------------
+
+    def labels(self) -> list[str]:
+        """Class names in output order."""
+        path = self.file(self.LABELS)
+        if not path.is_file():
+            raise ConfigError(f"run {str(self.path)!r} has no {self.LABELS}; finish it with `tlkit train` first")
+        return [str(v) for v in self._json(path)]
+
+    def split(self, name: str = "test") -> list[Example]:
+        """The examples of one split (``train``, ``val`` or ``test``)."""
+        raw = self._json(self.file(self.SPLITS))
+        if name not in raw:
+            raise ConfigError(f"{str(self.file(self.SPLITS))!r} has no split {name!r} (train, val, test)")
+        return [Example(r["path"], tuple(r["labels"]), r.get("group")) for r in raw[name]]
+
+    def write_data(self, splits: Splits) -> None:
+        """``labels.json``, ``splits.json`` and (when files were skipped) ``skipped.csv``."""
+        write_json(self.file(self.LABELS), splits.class_names)
+
+        def rows(examples: list[Example]) -> list[dict[str, Any]]:
+            return [{"path": e.path, "labels": list(e.labels), "group": e.group} for e in examples]
+
+        write_json(self.file(self.SPLITS), {
+            "class_names": splits.class_names, "train": rows(splits.train), "val": rows(splits.val),
+            "test": rows(splits.test),
+        }, indent=None)
+        if splits.skipped:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(["path", "reason"])
+            writer.writerows(splits.skipped)
+            atomic_write_text(self.file(self.SKIPPED), buffer.getvalue())
+
+    # --- status (run.json) -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``run.json`` (empty before training started)."""
+        path = self.file(self.STATUS)
+        return self._json(path) if path.is_file() else {}
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json(self.file(self.STATUS), status)
+
+    def update_status(self, **changes: Any) -> dict[str, Any]:
+        """Merges ``changes`` into ``run.json`` and returns the result."""
+        status = {**self.status(), **changes}
+        self.write_status(status)
+        return status
+
+    # --- history, calibration --------------------------------------------------------------
+
+    def history(self) -> dict[str, Any]:
+        """``history.json``: ``{"epochs": [...], "stages": [...]}``."""
+        path = self.file(self.HISTORY)
+        if not path.is_file():
+            raise ConfigError(f"no {self.HISTORY} in {str(self.path)!r}; the run has not finished an epoch")
+        return self._json(path)
+
+    def temperature(self) -> float | None:
+        """The fitted temperature (``calibration.json``), or ``None``."""
+        path = self.file(self.CALIBRATION)
+        if not path.is_file():
+            return None
+        value = self._json(path).get("temperature")
+        return float(value) if value is not None else None
+
+    def write_calibration(self, temperature: float, **extra: Any) -> Path:
+        return write_json(self.file(self.CALIBRATION), {"temperature": float(temperature), **extra})
+
+    def checkpoints(self, stage: str | None = None) -> Path:
+        base = self.file(self.CHECKPOINTS)
+        return base / stage if stage else base
+
+    # --- the input contract ----------------------------------------------------------------
+
+    def input_contract(self, model: keras.Model | None = None) -> InputContract:
+        """Modality, image size or sample rate / crop of the run, from ``run.json``.
+
+        Runs made before ``run.json`` recorded all of it fall back to the model's layers
+        (its ``resize`` layer, a front-end's ``sample_rate``) and then to the config and the
+        backbone spec.
+
+        Raises:
+            ConfigError: an audio run whose sample rate cannot be found.
+        """
+        status = self.status()
+        data = self.raw_config().get("data", {}) if self.file(self.CONFIG).is_file() else {}
+        audio = status.get("modality") == "audio" or (model is not None and takes_waveform(model))
+        if not audio:
+            size = status.get("image_size") or (model_image_size(model) if model is not None else None)
+            return InputContract("image", (int(size[0]), int(size[1])) if size else (224, 224))
+        rate = status.get("sample_rate") or (model_sample_rate(model) if model is not None else None)
+        if not rate:
+            rate = self._spec_sample_rate()
+        if not rate:
+            raise ConfigError(
+                f"run {str(self.path)!r} holds an audio model but its sample rate is unknown (no sample_rate in "
+                f"{self.STATUS}, no front-end layer with one, backbone not in the registry); register the backbone"
+            )
+        clip = status.get("clip_seconds") or data.get("clip_seconds") or 5.0
+        crops = status.get("eval_crops") or data.get("eval_crops") or 1
+        return InputContract("audio", None, int(rate), float(clip), int(crops))
+
+    def multi_label(self, model: keras.Model | None = None) -> bool:
+        """Whether the head is multi-label: its output activation, else the config."""
+        if model is not None and "probabilities" in [layer.name for layer in model.layers]:
+            name = getattr(getattr(model.get_layer("probabilities"), "activation", None), "__name__", "")
+            if name in ("sigmoid", "softmax"):
+                return name == "sigmoid"
+        try:
+            return bool(self.config().head.multi_label)
+        except (TlkitError, OSError, ValueError):
+            return False
+
+    # --- the model -------------------------------------------------------------------------
+
+    def load_model(self, *, compile: bool = True) -> keras.Model:
+        """The run's final model, under tlkit's one loading policy.
+
+        ``model.keras`` is loaded with Keras's safe mode on. A model whose backbone is a
+        SavedModel (TF-Hub or local) cannot be deserialised in safe mode (its graph is code),
+        so such a run is rebuilt from its config and the backbone the config names, and its
+        trained weights (``model.weights.h5``) are loaded into it. Nothing is ever loaded with
+        ``safe_mode=False``.
+        """
+        model_path = self.require_model()
+        register_serializables()
+        status = self.status()
+        if status.get("backbone_source") not in GRAPH_SOURCES:
+            return keras.saving.load_model(model_path, safe_mode=True, compile=compile)
+        cfg = self.config()
+        labels = self.labels()
+        spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
+                        modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
+        weights = self.file(self.WEIGHTS)
+        if not weights.is_file():
+            raise ConfigError(f"run {str(self.path)!r} has a SavedModel backbone but no {self.WEIGHTS}; retrain it")
+        augmentation = cfg.augmentation
+        if spec.modality == "audio" and not (augmentation is None or isinstance(augmentation, AudioAugmentation)):
+            augmentation = AudioAugmentation()
+        size = tuple(status["image_size"]) if status.get("image_size") else None
+        model = build_classifier(
+            spec, len(labels), weights="pretrained", head=cfg.head, augmentation=augmentation,
+            image_size=size, seed=cfg.seed, name=model_name(cfg.name),  # type: ignore[arg-type]
+        )
+        model.load_weights(weights)
+        return model
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _spec_sample_rate(self) -> int | None:
+        name = self.raw_config().get("backbone", {}).get("name") if self.file(self.CONFIG).is_file() else None
+        if not name:
+            return None
+        try:
+            spec = get_spec(name, modality="audio")
+        except TlkitError:
+            return None
+        return spec.sample_rate or getattr(spec.preprocessing, "sample_rate", None)
+
+    @staticmethod
+    def _json(path: Path) -> Any:
+        try:
+            return read_json(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{str(path)!r} is missing; is this a finished tlkit run?") from exc
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{str(path)!r} cannot be read ({exc}); the run directory is damaged") from exc
+
+
+def model_name(name: str) -> str:
+    """A Keras model name from a run name (letters, digits and ``_``)."""
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return cleaned or "tlkit_classifier"
+
+
+def takes_waveform(model: Any) -> bool:
+    """Whether a Keras model's first input is a waveform (rank 2, or named ``waveform``)."""
+    inputs = getattr(model, "inputs", None) or []
+    return bool(inputs) and (inputs[0].name == "waveform" or len(inputs[0].shape) == 2)
+
+
+def all_layers(layer: Any) -> list[Any]:
+    """Every layer under ``layer``, nested models included, depth first."""
+    found = []
+    for sub in getattr(layer, "layers", []):
+        found.append(sub)
+        found.extend(all_layers(sub))
+    return found
+
+
+def model_image_size(model: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of the model's ``resize`` layer, or ``None``."""
+    if "resize" not in [layer.name for layer in getattr(model, "layers", [])]:
+        return None
+    resize = model.get_layer("resize")
+    return int(resize.height), int(resize.width)
+
+
+def model_sample_rate(model: Any) -> int | None:
+    """The ``sample_rate`` of the first layer (nested included) that has one."""
+    for layer in all_layers(model):
+        rate = getattr(layer, "sample_rate", None)
+        if rate:
+            return int(rate)
+    return None
