@@ -30,7 +30,7 @@ def _changed(before: dict[str, np.ndarray], layer: keras.layers.Layer) -> set[st
     return {v.path for v in layer.weights if not np.array_equal(before[v.path], v.numpy())}
 
 
-TWO_STAGES = Schedule((Stage("head", 6, 0, 0.02), Stage("top", 3, 1, 0.005, group_lr_decay=0.5)))
+TWO_STAGES = Schedule((Stage("head", 6, 0, 0.02, solver="sgd"), Stage("top", 3, 1, 0.005, group_lr_decay=0.5)))
 
 
 def _run_two_stages(model: keras.Model) -> tuple[set[str], set[str], list[float]]:
@@ -98,7 +98,7 @@ def test_discriminative_learning_rates(tiny_backbone: object, tmp_path: Path) ->
 def test_run_dir_resume_skips_finished_stages(tiny_backbone: object, tmp_path: Path) -> None:
     model = build_classifier("tiny_test", 3, augmentation=None)
     ds = _data()
-    schedule = Schedule((Stage("head", 2, 0, 0.01), Stage("top", 2, 1, 0.001)))
+    schedule = Schedule((Stage("head", 2, 0, 0.01, solver="sgd"), Stage("top", 2, 1, 0.001)))
     result = fine_tune(model, ds, ds, schedule, run_dir=tmp_path, verbose=0)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [s["name"] for s in history["stages"]] == ["head", "top"]
@@ -106,11 +106,10 @@ def test_run_dir_resume_skips_finished_stages(tiny_backbone: object, tmp_path: P
     assert (tmp_path / "checkpoints" / "top" / "done.json").is_file()
     assert any((tmp_path / "logs" / "head").rglob("events.out.tfevents*"))
     # Interrupted during "top": its done marker is gone, the backup says one epoch finished.
-    (tmp_path / "checkpoints" / "top" / "done.json").unlink()
-    backup = tmp_path / "checkpoints" / "top" / "backup"
-    backup.mkdir()
-    model.save_weights(backup / "latest.weights.h5")
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    top = tmp_path / "checkpoints" / "top"
+    (top / "done.json").unlink()
+    model.save_weights(top / "backup.weights.h5")
+    (top / "backup.json").write_text(json.dumps({"epoch": 1, "best": None, "best_epoch": 0}))
     fresh = build_classifier("tiny_test", 3, augmentation=None)
     resumed = fine_tune(fresh, ds, ds, schedule, run_dir=tmp_path, verbose=0)
     top_epochs = [r["stage_epoch"] for r in resumed.history if r["stage"] == "top"]
@@ -149,7 +148,7 @@ def _batches(seed: int = 0) -> "tlkit.data.Batches":
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_feature_cache_gives_the_same_head(tiny_backbone: object, mode: str) -> None:
     """Head-only training on cached features equals the normal path (same data, seed, batches)."""
-    schedule = Schedule((Stage("head", 4, 0, 0.01, warmup_epochs=1),))
+    schedule = Schedule((Stage("head", 4, 0, 0.01, warmup_epochs=1, solver="sgd"),))
     heads = {}
     for cache in (mode, "off"):
         keras.utils.set_random_seed(0)
@@ -167,10 +166,10 @@ def test_feature_cache_is_skipped_with_augmentation(tiny_backbone: object) -> No
     from tlkit.model import ImageAugmentation
 
     model = build_classifier("tiny_test", 3, augmentation=ImageAugmentation())
-    result = fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01),)), verbose=0)
+    result = fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01, solver="sgd"),)), verbose=0)
     assert result.feature_seconds == 0
     with pytest.raises(ConfigError, match="augmentation"):
-        fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01),)), feature_cache="memory", verbose=0)
+        fine_tune(model, _batches(), None, Schedule((Stage("head", 1, 0, 0.01, solver="sgd"),)), feature_cache="memory", verbose=0)
 
 
 def test_mirrored_strategy_on_two_logical_cpus_matches_single_device() -> None:
@@ -195,7 +194,7 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_single_device() -> None:
         backbones.register(tiny_spec(), overwrite=True)
         x, y = colour_images(16)
         ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 3))).batch(8)
-        schedule = Schedule((Stage("head", 4, 0, 0.02), Stage("top", 2, 1, 0.005)))
+        schedule = Schedule((Stage("head", 4, 0, 0.02, solver="sgd"), Stage("top", 2, 1, 0.005)))
         out = {}
         for name, strategy in (("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
                                ("single", tf.distribute.get_strategy())):
@@ -236,7 +235,7 @@ def test_frozen_backbone_dropout_is_inactive_and_cache_still_matches() -> None:
     """Keras passes training=True into a frozen nested backbone; its drop-connect must not fire."""
     spec = backbones.register(tiny_spec("tiny_sd_test", builder=_tiny_with_stochastic_depth), overwrite=True)
     try:
-        schedule = Schedule((Stage("head", 3, 0, 0.01),))
+        schedule = Schedule((Stage("head", 3, 0, 0.01, solver="sgd"),))
         heads = {}
         for cache in ("memory", "off"):
             keras.utils.set_random_seed(0)

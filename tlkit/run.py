@@ -12,7 +12,6 @@ and test metrics average the probabilities of ``eval_crops`` crops per clip.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +25,19 @@ from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
 from tlkit.config import DataConfig, RunConfig, load_config
-from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
-from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, encode_labels, load_splits, make_batches
+from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset
+from tlkit.data.images import IMAGE_SUFFIXES, Splits, class_weights, load_splits, make_batches
 from tlkit.errors import ConfigError
+from tlkit.evaluation.audio import evaluate_audio
 from tlkit.fileio import atomic_save, versions
 from tlkit.finetune import FineTuneResult, fine_tune
-from tlkit.model import HeadConfig, build_classifier, classification_loss, classification_metrics
+from tlkit.model import build_classifier, classification_loss, classification_metrics
 from tlkit.rundir import InputContract, RunDir, model_name
+
+
+#: Random training crops per clip whose features are cached when an audio run's head is solved
+#: (the encoder runs this many times over the training clips, once over validation).
+AUDIO_CACHED_CROPS = 4
 
 
 @dataclass
@@ -77,18 +82,19 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     verbose = cfg.training.verbose if verbose is None else verbose
     rundir = RunDir(cfg.output_dir)
     run = rundir.path
-    _check_run_dir(run, cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    rundir.write_config(cfg)
-    status = rundir.status()
+    note = rundir.claim(cfg)
+    if note:
+        _say(verbose, note)
     if rundir.is_complete:
         _say(verbose, f"run {run} is already complete; nothing to do")
-        return RunResult(run, rundir.load_model(), rundir.labels(), None, status.get("test_metrics", {}))
+        return RunResult(run, rundir.load_model(), rundir.labels(), None, rundir.status().get("test_metrics", {}))
+    rundir.ensure_writable()
+    spec = _resolve_spec(cfg)  # a typo in the backbone fails here, before the run directory holds anything
+    rundir.write_config(cfg)
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.training.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.training.mixed_precision)
-    spec = _resolve_spec(cfg)
     if spec.modality == "audio":
         data = _prepare_audio(cfg, spec, rundir, verbose)
     else:
@@ -108,7 +114,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     history = fine_tune(
         model, train_ds, val_ds, cfg.schedule, head=cfg.head, run_dir=run, strategy=strategy,
         class_weight=weights, jit_compile=cfg.training.jit_compile, feature_cache=cfg.training.feature_cache,
-        verbose=verbose,
+        feature_passes=data.feature_passes, verbose=verbose,
     )
     test_metrics: dict[str, float] = {}
     if splits.test:
@@ -143,6 +149,7 @@ class _RunData:
     augmentation: Any
     image_size: tuple[int, int] | None
     status: dict[str, Any]
+    feature_passes: int = 1  # passes over `train` cached for solved head stages (random audio crops)
 
 
 def _resolve_spec(cfg: RunConfig) -> BackboneSpec:
@@ -234,7 +241,7 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
 
     status = InputContract("audio", None, rate, clip / rate, crops).to_status()
     augmentation = _audio_augmentation(cfg.augmentation, verbose)
-    return _RunData(splits, train_ds, val_ds, evaluate_test, augmentation, None, status)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, augmentation, None, status, AUDIO_CACHED_CROPS)
 
 
 def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:
@@ -248,9 +255,9 @@ def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:
     rate = int(spec.sample_rate or getattr(spec.preprocessing, "sample_rate", 16000))
     if clip_seconds <= 0:
         raise ConfigError(f"[data] clip_seconds must be > 0, got {clip_seconds}")
-    fixed = spec.option("fixed_input_samples")
+    fixed = spec.audio_encoder.fixed_input_samples
     clip = int(fixed) if fixed else clip_samples(clip_seconds, rate)
-    minimum = spec.option("min_input_samples")
+    minimum = spec.audio_encoder.min_input_samples
     if minimum and clip < int(minimum):
         raise ConfigError(
             f"[data] clip_seconds={clip_seconds} gives {clip} samples, but backbone {spec.name!r} needs at least "
@@ -266,53 +273,6 @@ def _audio_augmentation(augmentation: Any, verbose: int | str) -> AudioAugmentat
         return augmentation
     _say(verbose, "audio run: using AudioAugmentation() defaults (time shift, gain, noise or SpecAugment)")
     return AudioAugmentation()
-
-
-def evaluate_audio(
-    model: keras.Model,
-    examples: list[Example],
-    class_names: list[str],
-    waveforms: dict[str, Any],
-    clip_length: int,
-    *,
-    crops: int = 3,
-    head: HeadConfig | None = None,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Loss and metrics of ``model`` on whole clips, each scored by the mean probabilities of
-    ``crops`` evenly spaced ``clip_length`` crops (waveforms: ``{path: (samples,) float32}``).
-
-    Returns the keys ``model.evaluate(..., return_dict=True)`` would: ``loss``, ``accuracy``, ...
-    """
-    head = head or HeadConfig()
-    waves = [waveforms[e.path] for e in examples]
-    probabilities = predict_clips(model.predict_on_batch, waves, clip_length, crops=crops, batch_size=batch_size)
-    targets = encode_labels(examples, class_names)
-    results = {"loss": float(classification_loss(head)(targets, probabilities))}
-    for metric in classification_metrics(head, len(class_names)):
-        metric.update_state(targets, probabilities)
-        results[metric.name] = float(metric.result())
-    return results
-
-
-def _check_run_dir(run: Path, cfg: RunConfig) -> None:
-    previous = run / "config.json"
-    if not previous.is_file():
-        if run.is_dir() and any(run.iterdir()):
-            raise ConfigError(f"output_dir {str(run)!r} exists and is not a tlkit run; choose another output_dir")
-        return
-    old = json.loads(previous.read_text(encoding="utf-8"))
-    new = json.loads(json.dumps(cfg.to_dict()))
-    old.pop("source", None)
-    new.pop("source", None)
-    old.get("training", {}).pop("verbose", None)
-    new.get("training", {}).pop("verbose", None)
-    if old != new:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ConfigError(
-            f"run directory {str(run)!r} was made with a different config (differs in {changed}); "
-            "to resume use the same config, otherwise set another output_dir or delete the directory"
-        )
 
 
 def _say(verbose: int | str, message: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,13 @@ import keras
 
 from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
+from tlkit.backbones.sources import SOURCES
 from tlkit.config import RunConfig, config_from_dict
 from tlkit.data.images import Example, Splits
 from tlkit.errors import ConfigError, TlkitError
 from tlkit.fileio import atomic_write_text, read_json, write_json
 from tlkit.model import build_classifier
 from tlkit.registration import register_serializables
-
-#: Backbone sources whose ``.keras`` serialisation is a TensorFlow graph, which Keras's safe mode
-#: refuses by rule: such runs are rebuilt from their config and ``model.weights.h5``.
-GRAPH_SOURCES = ("tfhub", "savedmodel")
 
 
 @dataclass(frozen=True)
@@ -139,6 +137,65 @@ class RunDir:
             )
         return model
 
+    # --- claiming the directory for a config ------------------------------------------------
+
+    def ensure_writable(self) -> None:
+        """Creates the directory and proves a file can be written there, before any training.
+
+        Raises:
+            ConfigError: the directory cannot be created or written (read-only, permissions).
+        """
+        probe = self.path / ".tlkit-write-test"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(probe, "ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"output_dir {str(self.path)!r} is not writable ({exc.strerror or exc}); choose another "
+                "output_dir or fix its permissions"
+            ) from exc
+
+    def has_progress(self) -> bool:
+        """Whether any epoch or stage of this run has finished (a run without progress may be
+        restarted with a changed config)."""
+        return (self.is_complete or bool(self.live_history())
+                or any(self.checkpoints().glob("*/done.json")))
+
+    def claim(self, cfg: RunConfig) -> str | None:
+        """Checks that ``cfg`` may use this directory; returns a note when stale state was cleared.
+
+        A directory made with the same config resumes. One made with another config is refused,
+        unless it never finished an epoch (e.g. it failed on a config typo): then its partial
+        state is removed and the run starts afresh.
+
+        Raises:
+            ConfigError: a directory that is not a tlkit run, or a run with progress and a
+                different config.
+        """
+        previous = self.file(self.CONFIG)
+        if not previous.is_file():
+            if self.path.is_dir() and any(p.name != ".tlkit-write-test" for p in self.path.iterdir()):
+                raise ConfigError(f"output_dir {str(self.path)!r} exists and is not a tlkit run; choose another output_dir")
+            return None
+        old, new = self.raw_config(), json.loads(json.dumps(cfg.to_dict()))
+        for raw in (old, new):
+            raw.pop("source", None)
+            raw.get("training", {}).pop("verbose", None)
+        if old == new:
+            return None
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if self.has_progress():
+            raise ConfigError(
+                f"run directory {str(self.path)!r} was made with a different config (differs in {changed}); "
+                "to resume use the same config, otherwise set another output_dir or delete the directory"
+            )
+        for name in (self.STATUS, self.HISTORY, self.HISTORY_LIVE, self.LABELS, self.SPLITS, self.SKIPPED):
+            self.file(name).unlink(missing_ok=True)
+        for folder in (self.CHECKPOINTS, self.LOGS):
+            shutil.rmtree(self.file(folder), ignore_errors=True)
+        return f"the config changed ({', '.join(changed)}) before any epoch finished; starting {self.path} afresh"
+
     # --- config ----------------------------------------------------------------------------
 
     def raw_config(self) -> dict[str, Any]:
@@ -176,7 +233,7 @@ class RunDir:
         return [Example(r["path"], tuple(r["labels"]), r.get("group")) for r in raw[name]]
 
     def write_data(self, splits: Splits) -> None:
-        """``labels.json``, ``splits.json`` and (when files were skipped) ``skipped.csv``."""
+        """``labels.json``, ``splits.json`` and (when files were skipped or ignored) ``skipped.csv``."""
         write_json(self.file(self.LABELS), splits.class_names)
 
         def rows(examples: list[Example]) -> list[dict[str, Any]]:
@@ -186,11 +243,11 @@ class RunDir:
             "class_names": splits.class_names, "train": rows(splits.train), "val": rows(splits.val),
             "test": rows(splits.test),
         }, indent=None)
-        if splits.skipped:
+        if splits.skipped or splits.ignored:
             buffer = io.StringIO()
             writer = csv.writer(buffer)
             writer.writerow(["path", "reason"])
-            writer.writerows(splits.skipped)
+            writer.writerows([*splits.skipped, *splits.ignored])  # ignored reasons start "ignored: "
             atomic_write_text(self.file(self.SKIPPED), buffer.getvalue())
 
     # --- status (run.json) -----------------------------------------------------------------
@@ -217,6 +274,42 @@ class RunDir:
         if not path.is_file():
             raise ConfigError(f"no {self.HISTORY} in {str(self.path)!r}; the run has not finished an epoch")
         return self._json(path)
+
+    def write_history(self, records: list[dict[str, Any]]) -> None:
+        """``history.json`` from per-epoch records (``{"stage", "epoch", ...}``), with the stage spans."""
+        stages: list[dict[str, Any]] = []
+        for record in records:
+            if not stages or stages[-1]["name"] != record["stage"]:
+                stages.append({"name": record["stage"], "first_epoch": record["epoch"], "last_epoch": record["epoch"]})
+            stages[-1]["last_epoch"] = record["epoch"]
+        write_json(self.file(self.HISTORY), {"epochs": records, "stages": stages})
+
+    def live_history(self) -> list[dict[str, Any]]:
+        """The records of ``history.jsonl`` (appended once per epoch; a line cut by a kill is dropped)."""
+        path = self.file(self.HISTORY_LIVE)
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
+    def append_live_history(self, record: dict[str, Any]) -> None:
+        """Appends one epoch's record to ``history.jsonl`` (flushed, so a kill keeps it)."""
+        with open(self.file(self.HISTORY_LIVE), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    def rewrite_live_history(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.file(self.HISTORY_LIVE), "".join(json.dumps(r) + "\n" for r in records))
+
+    def logs(self, stage: str) -> Path:
+        """The TensorBoard folder of one stage."""
+        return self.file(self.LOGS) / stage
 
     def temperature(self) -> float | None:
         """The fitted temperature (``calibration.json``), or ``None``."""
@@ -288,7 +381,9 @@ class RunDir:
         model_path = self.require_model()
         register_serializables()
         status = self.status()
-        if status.get("backbone_source") not in GRAPH_SOURCES:
+        # A source whose layer Keras's safe mode refuses (a SavedModel graph) says so in its record.
+        source = SOURCES.get(str(status.get("backbone_source")))
+        if source is None or source.reloads_safely:
             return keras.saving.load_model(model_path, safe_mode=True, compile=compile)
         cfg = self.config()
         labels = self.labels()

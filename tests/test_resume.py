@@ -1,0 +1,98 @@
+"""Resume after kill -9: every stage runs all its epochs, and the learning-rate schedule matches an
+uninterrupted run. Each run is a real ``tlkit train`` process, killed with SIGKILL mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs `tlkit train CONFIG` with the tiny test backbone; with KILL_AFTER=N it sends itself SIGKILL
+# during the first batch of epoch N+1 (counted across stages), i.e. mid-epoch, as a crash would.
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import tlkit.backbones as backbones
+    from tests.conftest import tiny_spec
+    backbones.register(tiny_spec(), overwrite=True)
+    import tlkit.finetune as finetune
+    from tlkit.cli import main
+    kill_after = int(os.environ.get("KILL_AFTER", "-1"))
+    finished = [0]
+    original = finetune._HistoryRecorder.on_epoch_end
+    def on_epoch_end(self, epoch, logs=None):
+        original(self, epoch, logs)
+        finished[0] += 1
+    def on_train_batch_end(self, batch, logs=None):
+        if finished[0] == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    finetune._HistoryRecorder.on_epoch_end = on_epoch_end
+    finetune._HistoryRecorder.on_train_batch_end = on_train_batch_end
+    sys.exit(main(["train", sys.argv[1], "--quiet"]))
+""")
+
+THREE_STAGES = [
+    {"name": "head", "epochs": 2, "learning_rate": 0.02, "solver": "sgd"},
+    {"name": "top", "epochs": 3, "unfreeze": 1, "learning_rate": 0.004, "warmup_epochs": 1},
+    {"name": "deeper", "epochs": 3, "unfreeze": "all", "learning_rate": 0.002},
+]
+TWO_STAGES = [
+    {"name": "head", "epochs": 3, "learning_rate": 0.02, "solver": "sgd"},
+    {"name": "top", "epochs": 3, "unfreeze": 1, "learning_rate": 0.004},
+]
+
+
+def _config(tmp: Path, data: Path, name: str, stages: list[dict]) -> Path:
+    lines = [f'name = "{name}"', f'output_dir = "{tmp / name}"', "seed = 0", "[data]", f'path = "{data}"',
+             "batch_size = 8", "val_fraction = 0.2", "test_fraction = 0.2", "[backbone]", 'name = "tiny_test"',
+             "[augmentation]", "enabled = false"]
+    for stage in stages:
+        lines.append("[[schedule.stages]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in stage.items()]
+    path = tmp / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _train(config: Path, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KILL_AFTER": str(kill_after if kill_after is not None else -1)}
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(config)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _history(run: Path) -> list[dict]:
+    return json.loads((run / "history.json").read_text())["epochs"]
+
+
+@pytest.mark.parametrize(("stages", "kill_after"), [(THREE_STAGES, 3), (TWO_STAGES, 1)],
+                         ids=["killed-in-top-epoch-2-of-3-stages", "killed-in-head-epoch-2"])
+def test_kill_9_resume_runs_every_epoch_of_every_stage(tmp_path: Path, stages: list[dict], kill_after: int) -> None:
+    data = write_image_folder(tmp_path / "data", n_per_class=10)
+    killed = _train(_config(tmp_path, data, "killed", stages), kill_after)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "training"
+
+    resumed = _train(_config(tmp_path, data, "killed", stages))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _train(_config(tmp_path, data, "whole", stages))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    got, want = _history(tmp_path / "killed"), _history(tmp_path / "whole")
+    for stage in stages:
+        epochs = [r["stage_epoch"] for r in got if r["stage"] == stage["name"]]
+        assert epochs == list(range(1, stage["epochs"] + 1)), (stage["name"], epochs)
+    assert [r["epoch"] for r in got] == list(range(1, sum(s["epochs"] for s in stages) + 1))
+    assert [(r["stage"], r["stage_epoch"]) for r in got] == [(r["stage"], r["stage_epoch"]) for r in want]
+    np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in want], rtol=1e-6)
+    status = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert status["status"] == "complete"
