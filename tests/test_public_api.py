@@ -11,6 +11,8 @@ PUBLIC = {
     "UnsafeCheckpointError", "WeightsUnavailableError", "__version__", "available_offline", "build_classifier",
     "evaluate_run", "export_run", "fine_tune", "get", "grad_cam", "list_backbones", "load_backbone", "load_config", "load_run_model",
     "prefetch", "register", "split_head", "train",
+    # The run directory and its input contract (tlkit.rundir), public since the architecture step.
+    "RunDir", "InputContract",
 }
 
 

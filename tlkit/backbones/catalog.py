@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from tlkit.backbones.registry import register
-from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
+from tlkit.backbones.spec import (
+    AudioEncoderOptions,
+    AudioFrontend,
+    BackboneSpec,
+    HubOptions,
+    ImagePreprocessing,
+    KerasAppOptions,
+)
 
 # keras.applications' preprocess_input modes, written as specs.
 TF_MODE = ImagePreprocessing(scale=1 / 127.5, offset=-1.0)  # [-1, 1]
@@ -26,9 +33,6 @@ def _keras_app(
     groups: tuple[str, ...] = (),
     boundaries: tuple[str, ...] = (),
 ) -> BackboneSpec:
-    options: list[tuple[str, object]] = [("weights_file", weights_file)]
-    if boundaries:
-        options.append(("group_boundaries", boundaries))
     return BackboneSpec(
         name=name,
         modality="image",
@@ -39,10 +43,11 @@ def _keras_app(
         feature_dim=features,
         output="spatial",
         layer_groups=groups,
+        group_boundaries=boundaries,
         licence=IMAGENET_KERAS,
         description=f"keras.applications.{cls}, ImageNet",
         params=params,
-        options=tuple(options),
+        source_options=KerasAppOptions(weights_file=weights_file),
     )
 
 
@@ -146,24 +151,19 @@ def _package_specs() -> tuple[BackboneSpec, ...]:
 # sits between it and the encoder (here: nothing, every one of them computes its own
 # features inside its SavedModel).
 #
-# Options describe each module's call contract beyond "(B, samples) in, tensor out",
-# for the SavedModel adapter (tlkit/backbones/hub.py) to honour; hub.py reads `endpoint`
-# and `output_key` today, tlkit.run reads the two length options, the rest are pending:
-#   endpoint / output_key   which function to call and which output to keep
-#   per_example             the module takes one clip, not a batch: call it per example
-#                           (input rank 1, or rank 2 with a batch of one when
-#                           per_example_rank=2) and stack the (T, C) outputs
-#   input_kwarg             call as fn(**{input_kwarg: waveform, **call_kwargs})
-#   call_kwargs             extra keyword arguments, e.g. the sample rate
-#   fixed_input_samples     the module only accepts exactly this many samples
-#   min_input_samples       shorter inputs yield no frame at all
-#   saved_model_tags        TF1 Hub format modules: the MetaGraph tags to load
+# Each module's call contract beyond "(B, samples) in, tensor out" is a HubOptions (see its
+# docstring in spec.py), honoured by the SavedModel adapter (tlkit/backbones/hub.py); its
+# input-length limits are an AudioEncoderOptions, read by training to size its crops.
 # Layer groups: these modules' variable paths are not documented, so every spec leaves
 # layer_groups empty and tlkit splits the variables into four groups by depth.
 # --------------------------------------------------------------------------------------
 
 WAVEFORM_16K = AudioFrontend(kind="waveform", sample_rate=16000)
 HUB_AUDIO_LICENCE = "Apache-2.0 (TF-Hub / Kaggle Models)"
+# TRILL and TRILL-distilled: fn(samples=<one clip>, sample_rate=16000) -> {"embedding": ...}.
+TRILL_CONTRACT = HubOptions(
+    per_example=True, input_kwarg="samples", call_kwargs=(("sample_rate", 16000),), output_key="embedding"
+)
 
 
 def _hub_audio(
@@ -176,7 +176,9 @@ def _hub_audio(
     params: int | None = None,
     licence: str = HUB_AUDIO_LICENCE,
     preprocessing: AudioFrontend = WAVEFORM_16K,
-    **options: object,
+    hub: HubOptions | None = None,
+    fixed_input_samples: int | None = None,
+    min_input_samples: int | None = None,
 ) -> BackboneSpec:
     return BackboneSpec(
         name=name,
@@ -191,7 +193,8 @@ def _hub_audio(
         licence=licence,
         description=description,
         params=params,
-        options=tuple(sorted(options.items())),
+        source_options=hub,
+        audio_encoder=AudioEncoderOptions(fixed_input_samples, min_input_samples),
     )
 
 
@@ -212,9 +215,7 @@ AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
     _hub_audio(
         "yamnet", "https://tfhub.dev/google/yamnet/1", 15_600, 1024, "sequence",
         "YAMNet (AudioSet sound events; ~3.7M params), 16 kHz waveform -> 1024-d per 0.48 s",
-        per_example=True,
-        endpoint="__call__",
-        output_index=1,
+        hub=HubOptions(per_example=True, endpoint="__call__", output_index=1),
         min_input_samples=15_600,
     ),
     # TRILL (Shor et al. 2020), non-semantic speech (speaker, emotion, language ID).
@@ -222,20 +223,14 @@ AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
     _hub_audio(
         "trill", "https://tfhub.dev/google/nonsemantic-speech-benchmark/trill/3", 16_000, 512, "sequence",
         "TRILL non-semantic speech embedding (AudioSet speech), 16 kHz waveform -> 512-d per frame",
-        per_example=True,
-        input_kwarg="samples",
-        call_kwargs=(("sample_rate", 16000),),
-        output_key="embedding",
+        hub=TRILL_CONTRACT,
         min_input_samples=15_360,
     ),
     _hub_audio(
         "trill_distilled", "https://tfhub.dev/google/nonsemantic-speech-benchmark/trill-distilled/3", 16_000,
         2048, "sequence",
         "TRILL-distilled (MobileNet student of TRILL), 16 kHz waveform -> 2048-d per frame",
-        per_example=True,
-        input_kwarg="samples",
-        call_kwargs=(("sample_rate", 16000),),
-        output_key="embedding",
+        hub=TRILL_CONTRACT,
         min_input_samples=15_360,
     ),
     # FRILL (Peplinski et al. 2021): fn(waveform (1, samples)) -> {"embedding": (T, 2048)};
@@ -243,9 +238,7 @@ AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
     _hub_audio(
         "frill", "https://tfhub.dev/google/nonsemantic-speech-benchmark/frill/1", 16_000, 2048, "sequence",
         "FRILL non-semantic speech embedding (mobile TRILL), 16 kHz waveform -> 2048-d per frame",
-        per_example=True,
-        per_example_rank=2,
-        output_key="embedding",
+        hub=HubOptions(per_example=True, per_example_rank=2, output_key="embedding"),
         min_input_samples=15_360,
     ),
     # Google's speech_embedding (Lin et al. 2020, keyword spotting): TF1 Hub format,
@@ -254,9 +247,7 @@ AUDIO_BUILTIN: tuple[BackboneSpec, ...] = (
     _hub_audio(
         "speech_embedding", "https://tfhub.dev/google/speech_embedding/1", 16_000, 96, "spatial",
         "Google speech_embedding (keyword spotting), 16 kHz waveform -> (T, 1, 96) per 80 ms",
-        endpoint="default",
-        output_key="default",
-        saved_model_tags=("train",),
+        hub=HubOptions(endpoint="default", output_key="default", saved_model_tags=("train",)),
         min_input_samples=12_400,
     ),
 )

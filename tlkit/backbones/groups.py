@@ -3,7 +3,7 @@
 A spec's ``layer_groups`` are regular expressions. For a Keras backbone they match
 layer names; for a SavedModel backbone (one opaque layer) they match variable paths.
 A member belongs to the first group whose pattern ``re.search``es it. With
-``options["group_boundaries"]`` (layer names that end each group but the last), groups
+``group_boundaries`` (layer names that end each group but the last), groups
 are cut by position instead, for models whose layer names are auto-numbered.
 With neither, the weighted members are split into four groups of similar size by depth.
 """
@@ -108,7 +108,7 @@ def resolve_groups(spec: BackboneSpec, backbone: keras.layers.Layer) -> LayerGro
     members: list[object] = list(backbone.weights) if by_variable else weighted_leaf_layers(backbone)
     key = (lambda m: m.path) if by_variable else (lambda m: m.name)  # noqa: E731
     patterns = spec.layer_groups
-    boundaries = spec.option("group_boundaries")
+    boundaries = spec.group_boundaries
     if boundaries and not by_variable:
         return _by_boundaries(backbone, members, tuple(boundaries))
     if not patterns:

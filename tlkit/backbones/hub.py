@@ -9,6 +9,7 @@ at: resolving a handle into its local cache (``TFHUB_CACHE_DIR``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import keras
 
-from tlkit.backbones.spec import BackboneSpec
+from tlkit.backbones.spec import BackboneSpec, HubOptions
 from tlkit.cache import tfhub_cache_dir
 from tlkit.errors import BackboneNotFoundError, WeightsUnavailableError
 
@@ -34,7 +35,7 @@ class SavedModelBackbone(keras.layers.TFSMLayer):
     tensor; a dict output yields ``output_key`` (default: the first key in sorted order), a
     tuple/list output yields ``output_index``.
 
-    Call contracts beyond "batch in, tensor out" (read from the spec's options):
+    Call contracts beyond "batch in, tensor out" (from the spec's :class:`HubOptions`):
         per_example: the module takes one example, not a batch; it is mapped over the
             batch (``per_example_rank=2`` gives it a batch of one) and outputs stacked.
         input_kwarg / call_kwargs: call as ``fn(**{input_kwarg: x, **call_kwargs})``.
@@ -157,7 +158,7 @@ def _detect_endpoint(loaded: Any, filepath: str) -> str:
             return endpoint
     raise BackboneNotFoundError(
         f"SavedModel {filepath!r} has no usable endpoint (looked for {', '.join(_ENDPOINTS)}); "
-        "name one with the backbone option `endpoint`"
+        "name one with the spec's source_options=HubOptions(endpoint=...)"
     )
 
 
@@ -189,36 +190,54 @@ def _variables_used_by(function: Any) -> tuple[list[Any], list[Any]]:
     return list(trainable.values()), list(other.values())
 
 
+_HUB_PREFIXES = ("http://", "https://", "gs://")
+
+
+def is_hub_handle(name: str) -> bool:
+    """True for a TF-Hub / Kaggle Models handle: a URL ``tensorflow_hub`` resolves (http(s)://, gs://)."""
+    return name.startswith(_HUB_PREFIXES)
+
+
+def is_saved_model_dir(name: str) -> bool:
+    """True for a local directory holding ``saved_model.pb``."""
+    path = Path(name).expanduser()
+    return path.is_dir() and (path / "saved_model.pb").is_file()
+
+
 def hub_cache_path(handle: str) -> Path:
     """The directory ``tensorflow_hub`` caches ``handle`` into."""
     return tfhub_cache_dir() / hashlib.sha1(handle.encode("utf8")).hexdigest()
 
 
-def available_offline(spec: BackboneSpec) -> bool:
-    """True when the SavedModel is on disk (a local path, or a hub handle already cached)."""
-    if spec.source == "savedmodel":
-        return (Path(spec.location) / "saved_model.pb").is_file()
+def handle_cached(spec: BackboneSpec) -> bool:
+    """True when the hub handle ``spec.location`` is already in the TF-Hub cache."""
     return (hub_cache_path(spec.location) / "saved_model.pb").is_file()
 
 
-def resolve(spec: BackboneSpec) -> str:
-    """The local SavedModel directory for ``spec``, downloading a hub handle into the cache.
+def local_dir(spec: BackboneSpec) -> Path:
+    """The SavedModel directory ``spec.location`` of a ``savedmodel`` spec.
+
+    Raises:
+        BackboneNotFoundError: it is not a SavedModel directory.
+    """
+    if not (Path(spec.location) / "saved_model.pb").is_file():
+        raise BackboneNotFoundError(
+            f"{spec.location!r} is not a SavedModel directory (no saved_model.pb); check the path"
+        )
+    return Path(spec.location)
+
+
+def fetch_handle(spec: BackboneSpec) -> Path:
+    """The local SavedModel directory of hub handle ``spec.location``, downloading it into the cache.
 
     Raises:
         WeightsUnavailableError: the handle cannot be fetched (offline) and is not cached.
-        BackboneNotFoundError: a local path is not a SavedModel.
     """
-    if spec.source == "savedmodel":
-        if not (Path(spec.location) / "saved_model.pb").is_file():
-            raise BackboneNotFoundError(
-                f"{spec.location!r} is not a SavedModel directory (no saved_model.pb); check the path"
-            )
-        return spec.location
     start = time.monotonic()
     try:
         import tensorflow_hub as hub
 
-        return str(hub.resolve(spec.location))
+        return Path(hub.resolve(spec.location))
     except Exception as exc:
         raise WeightsUnavailableError(
             f"cannot fetch TF-Hub handle {spec.location!r} for backbone {spec.name!r} after "
@@ -230,26 +249,16 @@ def resolve(spec: BackboneSpec) -> str:
         ) from exc
 
 
-def load(spec: BackboneSpec, weights: str | None = "pretrained") -> keras.layers.Layer:
-    """A :class:`SavedModelBackbone` for a TF-Hub handle or SavedModel directory.
+def load(spec: BackboneSpec, weights: str | None, path: Path) -> keras.layers.Layer:
+    """A :class:`SavedModelBackbone` for the SavedModel at ``path`` (``spec``'s, resolved).
 
-    ``weights=None`` re-initialises every variable randomly (Glorot-uniform for kernels
-    with two or more dimensions, zeros otherwise; BatchNorm variances stay at one).
+    The call contract comes from the spec's :class:`HubOptions`. ``weights=None``
+    re-initialises every variable randomly (Glorot-uniform for kernels with two or more
+    dimensions, zeros otherwise; BatchNorm variances stay at one); a path loads that file.
     """
-    path = resolve(spec)
-    tags = spec.option("saved_model_tags")
+    contract = dataclasses.asdict(spec.options_for(HubOptions))  # the layer's arguments, by name
     layer = SavedModelBackbone(
-        path,
-        call_endpoint=spec.option("endpoint"),
-        output_key=spec.option("output_key"),
-        output_index=int(spec.option("output_index", 0)),
-        per_example=bool(spec.option("per_example", False)),
-        per_example_rank=int(spec.option("per_example_rank", 1)),
-        input_kwarg=spec.option("input_kwarg"),
-        call_kwargs=dict(spec.option("call_kwargs", ()) or ()),
-        saved_model_tags=list(tags) if tags else None,
-        feature_dim=spec.feature_dim,
-        name="backbone",
+        str(path), call_endpoint=contract.pop("endpoint"), **contract, feature_dim=spec.feature_dim, name="backbone"
     )
     if weights is None:
         _reinitialise(layer)

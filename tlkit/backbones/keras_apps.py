@@ -7,14 +7,14 @@ from pathlib import Path
 
 import keras
 
-from tlkit.backbones.spec import BackboneSpec
+from tlkit.backbones.spec import BackboneSpec, KerasAppOptions
 from tlkit.cache import keras_home
 from tlkit.errors import WeightsUnavailableError
 
 
 def weights_path(spec: BackboneSpec) -> Path | None:
     """Where Keras caches this backbone's ImageNet weights (``None`` if the spec does not say)."""
-    name = spec.option("weights_file")
+    name = spec.options_for(KerasAppOptions).weights_file
     return keras_home() / "models" / name if name else None
 
 
@@ -62,3 +62,10 @@ def load(
             ) from exc
         raise
     return model
+
+
+def prefetch(spec: BackboneSpec) -> Path:
+    """Downloads the ImageNet weights into Keras's cache; returns the file (or the cache directory
+    when the spec does not name the file)."""
+    load(spec, "pretrained")
+    return weights_path(spec) or keras_home() / "models"

