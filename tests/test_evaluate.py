@@ -1,10 +1,11 @@
-"""tlkit.evaluate: metrics against scikit-learn, calibration, and `tlkit evaluate` on a tiny run."""
+"""tlkit.evaluation: metrics against scikit-learn, calibration, and `tlkit evaluate` on a tiny run."""
 
 from __future__ import annotations
 
 import csv
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,18 @@ from sklearn.calibration import calibration_curve
 
 import tlkit.backbones as backbones
 from tests.conftest import tiny_spec, write_image_folder
-from tlkit.errors import DataError
-from tlkit.evaluate import (
+from tlkit.errors import ConfigError, DataError
+from tlkit.evaluation import (
+    PlotContext,
     apply_temperature,
     compute_metrics,
     evaluate_predictions,
     expected_calibration_error,
     fit_temperature,
+    list_plots,
+    register_plot,
     reliability_bins,
+    unregister_plot,
     youden_threshold,
 )
 
@@ -287,6 +292,64 @@ def test_evaluate_predictions_multilabel(tmp_path: Path) -> None:
     assert set(first) == {"path", "true_label", "predicted_label", "confidence", "worst_label"}
 
 
+@pytest.fixture
+def toy_plots() -> Iterator[list[str]]:
+    """Two plots registered through the public registry (one that never applies), removed afterwards."""
+    from tlkit.evaluation.plots import figure, save
+
+    seen: list[str] = []
+
+    def draw(ctx: PlotContext, path: Path) -> None:
+        seen.append(ctx.metrics["task"])
+        fig = figure(3, 3)
+        fig.add_subplot().hist(ctx.probabilities.max(1), bins=10)
+        save(fig, path)
+
+    register_plot("toy_scores", draw, file="toy.png", title="toy score histogram")
+    register_plot("toy_never", draw, applies=lambda ctx: False)
+    try:
+        yield seen
+    finally:
+        unregister_plot("toy_scores")
+        unregister_plot("toy_never")
+
+
+def test_a_registered_plot_is_drawn_and_linked(tmp_path: Path, toy_plots: list[str]) -> None:
+    assert [p.name for p in list_plots()][-2:] == ["toy_scores", "toy_never"]
+    with pytest.raises(ConfigError, match="already registered"):
+        register_plot("toy_scores", lambda ctx, path: None)
+    y, p = _multiclass(n=60)
+    report = evaluate_predictions(y, p, [f"c{i}" for i in range(5)], out=tmp_path)
+    assert toy_plots == ["multiclass"]  # drawn once, from the same context as the built-in plots
+    assert report.plots["toy_scores"] == tmp_path / "evaluation" / "toy.png"
+    assert "toy_never" not in report.plots and not (tmp_path / "evaluation" / "toy_never.png").exists()
+    _check_report(tmp_path)  # every PNG, the toy one included, is linked from report.md
+    assert "![toy score histogram](evaluation/toy.png)" in report.report.read_text(encoding="utf-8")
+
+
+def test_unregistered_plot_is_gone(tmp_path: Path) -> None:
+    """After the fixture above, the registry holds only the built-in plots again."""
+    names = [p.name for p in list_plots()]
+    assert names == ["confusion_matrix", "confusion_matrix_normalized", "roc", "precision_recall", "reliability",
+                     "training_curves"]
+    y, p = _binary(n=80)
+    report = evaluate_predictions(y, p, ["normal", "disease"], out=tmp_path)
+    assert set(report.plots) == set(names) - {"training_curves"}  # no history here
+
+
+def test_single_class_columns_have_no_auc() -> None:
+    """A label that is always (or never) present has no ROC-AUC or AP; the macro means skip it."""
+    y, p = _multilabel(n=120)
+    y[:, 1] = 1
+    y[:, 2] = 0
+    m = compute_metrics(y, p, ["a", "b", "c", "d"], multi_label=True)
+    for name in ("b", "c"):
+        assert m["per_class"][name]["roc_auc"] is None and m["per_class"][name]["pr_auc"] is None
+    kept = [0, 3]
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y[:, kept], p[:, kept], average="macro"))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y[:, kept], p[:, kept], average="macro"))
+
+
 def test_compute_metrics_rejects_mismatched_shapes() -> None:
     with pytest.raises(DataError, match="expected"):
         compute_metrics(np.zeros(3, int), np.full((3, 2), 0.5), ["a", "b", "c"])
@@ -342,7 +405,7 @@ def test_cli_evaluate_writes_report(finished_run: Path, capsys: pytest.CaptureFi
 
 
 def test_evaluate_other_data_into_out(finished_run: Path, tmp_path: Path) -> None:
-    from tlkit.evaluate import evaluate_run
+    from tlkit.evaluation import evaluate_run
 
     data = write_image_folder(tmp_path / "more", n_per_class=4, seed=5)
     report = evaluate_run(finished_run, data, out=tmp_path / "report", gradcam=0)
@@ -354,7 +417,7 @@ def test_evaluate_other_data_into_out(finished_run: Path, tmp_path: Path) -> Non
 
 
 def test_evaluate_refuses_unknown_classes(finished_run: Path, tmp_path: Path) -> None:
-    from tlkit.evaluate import evaluate_run
+    from tlkit.evaluation import evaluate_run
 
     data = write_image_folder(tmp_path / "more", n_per_class=2)
     (data / "red").rename(data / "purple")

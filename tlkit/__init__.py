@@ -17,6 +17,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
+from tlkit.lazy import lazy_exports  # noqa: E402  (after the environment default above)
+
 # The public names and the module each lives in. Nothing is imported until a name is used
 # (PEP 562), so ``import tlkit`` and the CLI's ``--help`` start without TensorFlow.
 _EXPORTS: dict[str, str] = {
@@ -40,14 +42,14 @@ _EXPORTS: dict[str, str] = {
     "TlkitError": "tlkit.errors",
     "UnsafeCheckpointError": "tlkit.errors",
     "WeightsUnavailableError": "tlkit.errors",
-    "EvaluationReport": "tlkit.evaluate",
-    "evaluate_run": "tlkit.evaluate",
+    "EvaluationReport": "tlkit.evaluation",
+    "evaluate_run": "tlkit.evaluation",
     "grad_cam": "tlkit.explain",
     "ExportReport": "tlkit.export",
     "export_run": "tlkit.export",
     "FineTuneResult": "tlkit.finetune",
-    "Schedule": "tlkit.finetune",
-    "Stage": "tlkit.finetune",
+    "Schedule": "tlkit.schedule",
+    "Stage": "tlkit.schedule",
     "fine_tune": "tlkit.finetune",
     "ImageNormalization": "tlkit.layers",
     "HeadConfig": "tlkit.model",
@@ -62,20 +64,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 __all__ = [
     "InputContract",

@@ -78,7 +78,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.gradcam < 0:
         raise ConfigError(f"--gradcam must be >= 0, got {args.gradcam}")
-    from tlkit.evaluate import evaluate_run
+    from tlkit.evaluation import evaluate_run
 
     report = evaluate_run(
         args.run_dir, args.data, out=args.out, threshold=args.threshold, calibrate=args.calibrate,
@@ -139,6 +139,16 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
     root = write_digits(args.out, args.per_class or None, args.size, args.seed)
     print(f"wrote {sum(1 for _ in root.rglob('*.png'))} images in 10 class folders under {root}")
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from tlkit.rank import format_rank_table, rank_backbones, rank_to_json
+
+    names = [n.strip() for n in args.backbones.split(",") if n.strip()] if args.backbones else None
+    rows = rank_backbones(args.data, names, image_size=args.image_size, max_per_class=args.max_per_class,
+                          seed=args.seed)
+    print(rank_to_json(rows) if args.json else format_rank_table(rows))
     return 0
 
 
@@ -224,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=30, help="images per class (0 = all, about 180)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+
+    p = _add(sub, "rank", _cmd_rank,
+             help="rank backbones on your data by linear-probe accuracy and LogME, beside a no-transfer baseline",
+             description="Computes frozen features of each backbone once, fits a linear probe (C chosen on "
+                         "validation) and LogME; the first row is logistic regression on pixels / log-mel "
+                         "statistics with no pretrained network. The test split is not used.")
+    p.add_argument("data", help="a class folder or a CSV manifest (images or audio)")
+    p.add_argument("--backbones", default=None, metavar="A,B",
+                   help="comma-separated backbone names (default: every registered backbone of the data's "
+                        "modality whose weights are on this machine)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize images to N x N for every backbone (default: each backbone's own size)")
+    p.add_argument("--max-per-class", type=int, default=None, metavar="N",
+                   help="use at most N training and N validation examples per class (quick look)")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed (as in the run config)")
+    p.add_argument("--json", action="store_true", help="print the ranking as JSON")
     return parser
 
 

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.calibrate import Calibration, calibrate_model
 from tlkit.config import DataConfig, RunConfig, load_config
-from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset
-from tlkit.data.images import IMAGE_SUFFIXES, Splits, class_weights, load_splits, make_batches
+from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
+from tlkit.data.images import IMAGE_SUFFIXES, Splits, class_weights, encode_labels, load_splits, make_batches
 from tlkit.errors import ConfigError
 from tlkit.evaluation.audio import evaluate_audio
 from tlkit.fileio import atomic_save, versions
@@ -116,6 +118,9 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
         class_weight=weights, jit_compile=cfg.training.jit_compile, feature_cache=cfg.training.feature_cache,
         feature_passes=data.feature_passes, verbose=verbose,
     )
+    calibration = _calibrate(model, data, cfg, verbose)
+    if calibration is not None:
+        rundir.write_calibration(**calibration.to_dict())
     test_metrics: dict[str, float] = {}
     if splits.test:
         test_metrics = data.evaluate_test(model)
@@ -132,6 +137,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
         "status": "complete", "backbone": spec.name, "backbone_source": spec.source,
         "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
+        "calibration": calibration.to_dict() if calibration else None,
         **data.status, "versions": versions(),
     })
     _say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
@@ -146,6 +152,7 @@ class _RunData:
     train: Any
     val: Any
     evaluate_test: Callable[[keras.Model], dict[str, float]]
+    predict_val: Callable[[keras.Model], tuple[np.ndarray, np.ndarray]] | None  # -> (targets, probabilities)
     augmentation: Any
     image_size: tuple[int, int] | None
     status: dict[str, Any]
@@ -204,8 +211,13 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
         test_metrics = {k: float(v) for k, v in values.items()}
         return test_metrics
 
+    def predict_val(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+        probabilities = model.predict(make(splits.val, False).batched(), verbose=0)
+        return encode_labels(splits.val, splits.class_names), np.asarray(probabilities, np.float32)
+
     contract = InputContract("image", size)
-    return _RunData(splits, train_ds, val_ds, evaluate_test, cfg.augmentation, size, contract.to_status())
+    return _RunData(splits, train_ds, val_ds, evaluate_test, predict_val if splits.val else None, cfg.augmentation,
+                    size, contract.to_status())
 
 
 def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
@@ -239,9 +251,33 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
             batch_size=batch,
         )
 
+    def predict_val(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+        waves = [splits.waveforms[e.path] for e in splits.val]
+        probabilities = predict_clips(model.predict_on_batch, waves, clip, crops=crops, batch_size=batch)
+        return encode_labels(splits.val, splits.class_names), np.asarray(probabilities, np.float32)
+
     status = InputContract("audio", None, rate, clip / rate, crops).to_status()
     augmentation = _audio_augmentation(cfg.augmentation, verbose)
-    return _RunData(splits, train_ds, val_ds, evaluate_test, augmentation, None, status, AUDIO_CACHED_CROPS)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, predict_val if splits.val else None, augmentation,
+                    None, status, AUDIO_CACHED_CROPS)
+
+
+def _calibrate(model: keras.Model, data: _RunData, cfg: RunConfig, verbose: int | str) -> Calibration | None:
+    """Temperature scaling fitted on the validation split (as the run scores it) and folded into
+    the model, so every later use of the model returns calibrated probabilities."""
+    if data.predict_val is None:
+        _say(verbose, "not calibrated: the run has no validation split")
+        return None
+    targets, probabilities = data.predict_val(model)
+    calibration = calibrate_model(model, targets, probabilities, multi_label=cfg.head.multi_label)
+    if calibration is None:
+        _say(verbose, "not calibrated: a temperature does not lower the validation log-loss "
+                      "(validation split too small or perfectly separated)")
+    else:
+        _say(verbose, f"calibrated: temperature {calibration.temperature:.3g} on {calibration.examples} validation "
+                      f"examples (log-loss {calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}), "
+                      "folded into the model")
+    return calibration
 
 
 def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:

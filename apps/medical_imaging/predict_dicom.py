@@ -13,10 +13,11 @@ to RGB (``dicom_io``); PNG/JPEG files are decoded to RGB. Then the image is resi
 image size, and the model
 (run directory, exported SavedModel or ``.tflite``) gives the probabilities.
 
-With ``--run RUN`` (default: TARGET when it is a run directory) the temperature in
-``RUN/calibration.json`` (``tlkit evaluate --calibrate``) is applied, and the decision uses
-the operating threshold in ``RUN/metrics.json`` (``tlkit evaluate``), unless ``--threshold``
-is given. Not a medical device: see the README.
+With ``--run RUN`` (default: TARGET when it is a run directory) the run's fitted temperature
+(``tlkit evaluate --calibrate``) is applied, and the decision uses the operating threshold of
+its last ``tlkit evaluate`` (``metrics.json``), unless ``--threshold`` is given. The run is
+read through tlkit's public API (``tlkit.RunDir``, ``tlkit.evaluation``). Not a medical
+device: see the README.
 """
 
 from __future__ import annotations
@@ -46,18 +47,15 @@ def load_pixels(path: Path, center: float | None, width: float | None) -> tuple[
     return load_image(path), "image file"
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def image_size(target: Path, run: Path | None) -> tuple[int, int] | None:
-    """The size the model was trained at: run.json, else the export's metadata.json."""
-    for status in ([run / "run.json"] if run else []) + [target / "run.json"]:
-        size = _read_json(status).get("image_size")
-        if size:
-            return int(size[0]), int(size[1])
-    metadata = _read_json((target if target.is_dir() else target.parent) / "metadata.json")
-    size = metadata.get("source_run", {}).get("image_size")
+    """The size the model was trained at: the run's input contract, else the export's metadata."""
+    from tlkit import RunDir
+    from tlkit.artifacts import metadata_beside
+
+    for folder in ([run] if run else []) + [target]:
+        if RunDir.is_run(folder):
+            return RunDir(folder).input_contract().image_size
+    size = metadata_beside(target).get("source_run", {}).get("image_size")
     return (int(size[0]), int(size[1])) if size else None
 
 
@@ -76,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from tlkit.evaluate import apply_temperature
+    from tlkit import RunDir
+    from tlkit.evaluation import apply_temperature, read_metrics
     from tlkit.predict import load_predictor
 
     predictor = load_predictor(args.target)
     labels = list(predictor.labels)
-    run = args.run or (args.target if (args.target / "model.keras").is_file() else None)
-    temperature = _read_json(run / "calibration.json").get("temperature") if run else None
-    operating = _read_json(run / "metrics.json").get("operating_point") if run else None
+    run = args.run or (args.target if RunDir.is_run(args.target) else None)
+    temperature = RunDir(run).temperature() if run else None
+    operating = read_metrics(run).get("operating_point") if run else None
     threshold, source = args.threshold, "--threshold"
     if threshold is None and isinstance(operating, dict) and "threshold" in operating:
         threshold, source = float(operating["threshold"]), f"{run}/metrics.json ({operating.get('threshold_source')})"

@@ -1,0 +1,330 @@
+"""What an evaluation wrote: :class:`EvaluationReport`, ``report.md`` and ``metrics.json``.
+
+The output folder of an evaluation (the run directory unless ``out`` is given)::
+
+    report.md            tables, and relative links to every plot below
+    metrics.json         every number of the report (see :func:`~tlkit.evaluation.compute_metrics`)
+    misclassified.csv    path, true and predicted label, confidence; most confident first
+    evaluation/*.png     the registered plots (:mod:`tlkit.evaluation.plots`) and Grad-CAM overlays
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkit.errors import ConfigError
+from tlkit.evaluation.metrics import operating_points
+from tlkit.evaluation.plots import PLOTS
+from tlkit.fileio import read_json
+from tlkit.text import format_table
+
+REPORT_FILE = "report.md"
+METRICS_FILE = "metrics.json"
+MISCLASSIFIED_FILE = "misclassified.csv"
+FIGURES_DIR = "evaluation"
+
+#: Plots with a place of their own in report.md; any other plot goes under "More plots".
+_PLACED = ("confusion_matrix", "confusion_matrix_normalized", "roc", "precision_recall", "reliability",
+           "training_curves", "gradcam_right", "gradcam_wrong")
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`~tlkit.evaluation.evaluate_run` computed and wrote.
+
+    Attributes:
+        metrics: the contents of ``metrics.json`` (see :func:`~tlkit.evaluation.compute_metrics`).
+        out_dir: where ``report.md``, ``metrics.json`` and ``misclassified.csv`` are.
+        report: ``report.md``. metrics_json: ``metrics.json``. misclassified_csv: the CSV.
+        plots: plot name -> PNG path (``confusion_matrix``, ``roc``, ...).
+        gradcam: Grad-CAM overlay PNGs (grids and single overlays).
+        calibration: ``calibration.json`` when ``calibrate=True``.
+        notes: things the report warns about (skipped plots, optimistic thresholds, ...).
+    """
+
+    metrics: dict[str, Any]
+    out_dir: Path
+    report: Path
+    metrics_json: Path
+    misclassified_csv: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+    gradcam: list[Path] = field(default_factory=list)
+    calibration: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file written."""
+        written = [self.report, self.metrics_json, self.misclassified_csv, *self.plots.values(), *self.gradcam]
+        return written + ([self.calibration] if self.calibration else [])
+
+    def summary(self, max_classes: int = 30) -> str:
+        """A plain-text summary table (per class and averages) for the terminal.
+
+        With more than ``max_classes`` classes only the ones with the lowest F1 are listed.
+        """
+        m = self.metrics
+        auc = m["task"] != "multiclass" or any(v.get("roc_auc") is not None for v in m["per_class"].values())
+        headers = ["class", "precision", "recall", "f1", "support"] + (["roc_auc"] if auc else [])
+        rows = []
+        classes = list(m["per_class"].items())
+        if len(classes) > max_classes:  # the weakest classes are the ones worth a look
+            classes = sorted(classes, key=lambda item: item[1]["f1"])[:max_classes]
+        for name, v in classes:
+            row = [name, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
+            rows.append(row + ([fmt(v.get("roc_auc"))] if auc else []))
+        for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+            v = m[key]
+            row = [label, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), m["support_total"]]
+            rows.append(row + ([fmt(v.get("roc_auc"))] if auc else []))
+        lines = [format_table(headers, rows), ""]
+        if len(m["per_class"]) > max_classes:
+            lines.insert(
+                1, f"(the {max_classes} classes with the lowest F1 of {len(m['per_class'])}; all are in the report)"
+            )
+        lines.append(f"{_accuracy_name(m)} {fmt(m['accuracy'])} on {m['count']} examples "
+                     f"(95% CI {fmt(m['accuracy_ci95'][0])}-{fmt(m['accuracy_ci95'][1])})")
+        for k, v in m.get("top_k_accuracy", {}).items():
+            lines.append(f"top-{k} accuracy {fmt(v)}")
+        if m.get("roc_auc") is not None:
+            lines.append(f"ROC-AUC {fmt(m['roc_auc'])}, PR-AUC {fmt(m.get('pr_auc'))}")
+        op = m.get("operating_point")
+        if op and m["task"] == "binary":
+            lines.append(
+                f"at threshold {op['threshold']:.3f} ({op['threshold_source']}): sensitivity "
+                f"{fmt(op['sensitivity'])}, specificity {fmt(op['specificity'])}"
+            )
+        cal = m["calibration"]
+        line = f"expected calibration error {fmt(cal['ece'])}"
+        if cal.get("temperature") is not None:
+            line += (f" after temperature scaling (T = {cal['temperature']:.3f}; "
+                     f"before: {fmt(cal['ece_uncalibrated'])})")
+        lines.append(line)
+        lines.append(f"report: {self.report}")
+        return "\n".join(lines)
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` an evaluation wrote into ``folder`` (a run directory or ``--out``);
+    ``{}`` when there is none.
+
+    Raises:
+        ConfigError: the file exists but cannot be read.
+    """
+    path = Path(folder) / METRICS_FILE
+    try:
+        return read_json(path, default={})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r} cannot be read ({exc}); re-run `tlkit evaluate`") from exc
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with paths as strings, numpy scalars as Python numbers and NaN / inf as ``None``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    return value
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table: ``-`` for undefined, integers as they are, else ``digits`` decimals."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return f"{float(value):.{digits}f}"
+
+
+def link(path: Path, base: Path) -> str:
+    """``path`` relative to ``base``, with ``/`` separators (for links in report.md)."""
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def _accuracy_name(metrics: dict[str, Any]) -> str:
+    return "subset accuracy (all labels right)" if metrics["task"] == "multilabel" else "accuracy"
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ci(interval: Sequence[Any]) -> str:
+    low, high = interval
+    return "-" if low is None else f"{low:.3f}-{high:.3f}"
+
+
+def _images(plots: dict[str, Path], out: Path, *names: str) -> list[str]:
+    """Markdown image links of the drawn plots among ``names`` (captions from the registry)."""
+    return [f"![{PLOTS[name].title if name in PLOTS else name}]({link(plots[name], out)})"
+            for name in names if name in plots]
+
+
+def report_markdown(
+    metrics: dict[str, Any], out: Path, run: Path, plots: dict[str, Path], gradcam: dict[str, Any],
+    wrong: list[dict[str, Any]], calibration: Path | None, notes: list[str], model_file: Path | None = None,
+) -> str:
+    """The text of ``report.md``: summary, per-class table, operating point, every plot, mistakes.
+
+    Links are relative to ``out``; ``model_file`` is the run's model (linked when given).
+    """
+    m = metrics
+    task = {"binary": "binary (single-label)", "multiclass": "multi-class (single-label)",
+            "multilabel": "multi-label"}[m["task"]]
+    lines = [f"# Evaluation of `{run.name}`", ""]
+    lines += [
+        f"- **Data:** {m['data']['source']}: {m['count']} examples, {len(m['class_names'])} classes ({task})",
+        *([f"- **Model:** `{link(model_file, out)}`"] if model_file is not None else []),
+        f"- **Decision rule:** {m['decision']}",
+        f"- **Written:** {time.strftime('%Y-%m-%d %H:%M')} by `tlkit evaluate`; all numbers are in "
+        f"[{METRICS_FILE}]({METRICS_FILE})",
+        "",
+    ]
+    summary = [(_accuracy_name(m), fmt(m["accuracy"]), _ci(m["accuracy_ci95"]))]
+    summary += [(f"top-{k} accuracy", fmt(v), "") for k, v in m.get("top_k_accuracy", {}).items()]
+    which = f" ({m['positive_class']})" if m["task"] == "binary" else " (macro)"
+    summary += [
+        ("macro F1", fmt(m["macro_avg"]["f1"]), ""), ("weighted F1", fmt(m["weighted_avg"]["f1"]), ""),
+        ("ROC-AUC" + which, fmt(m["roc_auc"]), ""), ("PR-AUC / average precision" + which, fmt(m["pr_auc"]), ""),
+        ("expected calibration error", fmt(m["calibration"]["ece"]), ""),
+        ("negative log-likelihood", fmt(m["nll"]), ""), ("Brier score", fmt(m["brier"]), ""),
+    ]
+    if m["task"] == "multilabel":
+        summary.insert(1, ("label accuracy (1 - Hamming loss)", fmt(m["label_accuracy"]), ""))
+    lines += ["## Summary", "", _md_table(("metric", "value", "95% CI"), summary), ""]
+    if notes:
+        lines += ["**Read with care:**", ""] + [f"- {note}" for note in notes] + [""]
+
+    lines += ["## Per-class metrics", ""]
+    rows = [
+        (name, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"], fmt(v["roc_auc"]), fmt(v["pr_auc"]))
+        for name, v in m["per_class"].items()
+    ]
+    macro, weighted = m["macro_avg"], m["weighted_avg"]
+    rows.append(("**macro avg**", fmt(macro["precision"]), fmt(macro["recall"]), fmt(macro["f1"]), m["support_total"],
+                 fmt(macro["roc_auc"]), fmt(macro["pr_auc"])))
+    rows.append(("**weighted avg**", fmt(weighted["precision"]), fmt(weighted["recall"]), fmt(weighted["f1"]),
+                 m["support_total"], "", ""))
+    lines += [_md_table(("class", "precision", "recall", "F1", "support", "ROC-AUC", "PR-AUC"), rows), ""]
+    lines += ["Support is the number of evaluated examples of the class. ROC-AUC and PR-AUC are "
+              + ("one-vs-rest. " if m["task"] == "multiclass" else "per class. ")
+              + "The macro average weighs every class equally; the weighted one by support.", ""]
+
+    points = operating_points(m)
+    if points:
+        lines += ["## Operating point", ""]
+        rows = [
+            (name, f"{p['threshold']:.3f}", p["threshold_source"],
+             f"{fmt(p['sensitivity'])} ({_ci(p['sensitivity_ci95'])})",
+             f"{fmt(p['specificity'])} ({_ci(p['specificity_ci95'])})", fmt(p["ppv"]), fmt(p["npv"]),
+             p["tp"], p["fp"], p["tn"], p["fn"])
+            for name, p in points.items()
+        ]
+        lines += [_md_table(("class", "threshold", "chosen by", "sensitivity (95% CI)", "specificity (95% CI)",
+                             "PPV", "NPV", "TP", "FP", "TN", "FN"), rows), ""]
+        lines += ["A case counts as positive when its probability is at or above the threshold. Choose your own "
+                  "with `tlkit evaluate RUN --threshold T` (pick it on validation data, not on this test set).", ""]
+
+    lines += ["## Confusion matrix", ""]
+    lines += [*_images(plots, out, "confusion_matrix", "confusion_matrix_normalized"), ""]
+    if m["task"] != "multilabel" and len(m["class_names"]) <= 12:
+        header = ["true \\ predicted", *m["class_names"]]
+        rows = [(name, *counts) for name, counts in zip(m["class_names"], m["confusion_matrix"])]
+        lines += [_md_table(header, rows), ""]
+
+    lines += ["## ROC and precision-recall curves", "", *_images(plots, out, "roc", "precision_recall"), ""]
+    lines += _calibration_section(m, out, plots, calibration)
+
+    lines += ["## Training curves", ""]
+    if "training_curves" in plots:
+        lines += [*_images(plots, out, "training_curves"), "",
+                  "Dashed vertical lines mark the start of each fine-tuning stage.", ""]
+    else:
+        lines += ["No training history found.", ""]
+
+    more = [name for name in plots if name not in _PLACED]
+    if more:
+        lines += ["## More plots", "", *_images(plots, out, *more), ""]
+    lines += _gradcam_section(gradcam, out, plots)
+
+    lines += ["## Misclassified examples", ""]
+    if wrong:
+        lines += [f"{len(wrong)} of {m['count']} examples are misclassified; all of them, most confident first, are "
+                  f"in [{MISCLASSIFIED_FILE}]({MISCLASSIFIED_FILE}). Confident mistakes are often label errors: check "
+                  "those files first.", ""]
+        rows = [(f"`{r['path']}`", r["true_label"], r["predicted_label"] or "(none)", fmt(r["confidence"]))
+                for r in wrong[:15]]
+        lines += [_md_table(("file", "true", "predicted", "confidence"), rows), ""]
+    else:
+        lines += [f"No example is misclassified ([{MISCLASSIFIED_FILE}]({MISCLASSIFIED_FILE}) is empty).", ""]
+    return "\n".join(lines)
+
+
+def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], calibration: Path | None) -> list[str]:
+    cal = m["calibration"]
+    lines = ["## Calibration", "",
+             f"Expected calibration error (ECE, {cal['n_bins']} bins): **{fmt(cal['ece'])}**. It is the average gap "
+             "between how confident the model is and how often it is right; a model that says 0.9 should be "
+             "right 9 times in 10.", ""]
+    if cal.get("temperature") is not None and calibration is not None:
+        multi_label = m["task"] == "multilabel"
+        lines += [
+            f"Temperature scaling was fitted on the validation split: **T = {cal['temperature']:.3f}** "
+            f"(ECE before: {fmt(cal['ece_uncalibrated'])}; every metric above uses the calibrated probabilities). "
+            f"It is stored in [{link(calibration, out)}]({link(calibration, out)}) "
+            "(`{\"temperature\": T}`). Apply it to the model's probabilities `p`:",
+            "",
+            "```python",
+            "import tlkit",
+            "from tlkit.evaluation import apply_temperature",
+            "T = tlkit.RunDir(\"RUN_DIR\").temperature()",
+            f"calibrated = apply_temperature(p, T, multi_label={multi_label})",
+            "# i.e. " + ("sigmoid(logit(p) / T)" if multi_label else "softmax(log(p) / T)"),
+            "```",
+            "",
+        ]
+    else:
+        lines += ["Not calibrated; run `tlkit evaluate RUN --calibrate` to fit a temperature on the validation "
+                  "split.", ""]
+    return lines + [*_images(plots, out, "reliability"), ""]
+
+
+def _gradcam_section(gradcam: dict[str, Any], out: Path, plots: dict[str, Path]) -> list[str]:
+    if not gradcam.get("method"):
+        return []
+    lines = ["## Where the model looks", "",
+             f"Method: **{gradcam['method']}**"
+             + (f" on layer `{gradcam['layer']}`" if gradcam.get("layer") else "")
+             + (f" ({gradcam['note']})" if gradcam.get("note") else "")
+             + ". Warm colours mark the regions that raised the score of the explained class. A model that "
+             "looks at labels, rulers or borders instead of the finding has learnt a shortcut.", ""]
+    for kind, title in (("right", "Most confident correct predictions"), ("wrong", "Most confident mistakes")):
+        key = f"gradcam_{kind}"
+        if key not in plots:
+            continue
+        lines += [f"### {title}", "", f"![{title}]({link(plots[key], out)})", ""]
+        rows = [(f"[{link(e['file'], out)}]({link(e['file'], out)})", f"`{e['path']}`", e["true"], e["explained"],
+                 fmt(e["confidence"])) for e in gradcam["examples"][kind]]
+        lines += [_md_table(("overlay", "file", "true", "explained class", "confidence"), rows), ""]
+    return lines
