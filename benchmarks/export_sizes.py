@@ -10,7 +10,7 @@ agreement thresholds are set to 0 (``--strict`` keeps tlkit's defaults): this sc
 reports each format's top-1 agreement with the Keras model instead of failing on it.
 
 This script then measures latency again *side by side*: it loads every artifact with
-``tlkit.export.load_exported_predictor`` and calls ``predict_one`` on the same held-out
+``tlkit.artifacts.load_exported_predictor`` and calls ``predict_one`` on the same held-out
 raw image in rotating order, format after format, round after round, and reports
 medians. Also measured, for reference: the run's Keras model called eagerly (what the
 ``.keras`` predictor does) and the same model inside a ``tf.function`` (graph mode).
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     import tlkit
 
     try:
-        from tlkit.export import FORMATS, export_run, load_exported_predictor
+        from tlkit.artifacts import load_exported_predictor
+        from tlkit.export import export_run, list_formats
     except ImportError as exc:
         print(f"tlkit.export is not available ({exc}); this script needs tlkit.export.export_run", file=sys.stderr)
         return 2
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "keras model, tf.function": lambda x: np.asarray(graph(tf.constant(x[None])))[0],
         **{fmt: p.predict_one for fmt, p in predictors.items()},
     }
-    from tlkit.run import load_split
-
-    test, _ = load_split(run_dir, "test")
+    test = tlkit.RunDir(run_dir).split("test")
     from PIL import Image
 
     images = [np.asarray(Image.open(e.path).convert("RGB"), np.float32) for e in test[:8]]
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ))
     _common.write_json(args.json, {
         "machine": info, "args": vars(args), "report": report.to_dict(), "times": times,
-        "train_seconds": train_s, "export_seconds": export_s, "formats": list(FORMATS),
+        "train_seconds": train_s, "export_seconds": export_s, "formats": [fmt.name for fmt in list_formats()],
     })
     if not args.keep:
         work.cleanup()

@@ -1,9 +1,19 @@
-"""tlkit.export: every format is written, reloads, matches the Keras model; failures leave nothing."""
+"""tlkit.export: every format is written, reloads, matches the Keras model; failures leave nothing.
+
+Also the format registry (a toy format registered through the public API is exported,
+reloaded and parity-checked) and the clean-up of temporaries left by interrupted exports.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -13,13 +23,28 @@ import tensorflow as tf
 
 import tlkit.backbones as backbones
 from tests.conftest import TINY_SIZE, tiny_spec, write_image_folder
-from tlkit import export
+from tlkit.artifacts import TFLitePredictor, labels_beside, load_exported_predictor
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
 from tlkit.cli import main
 from tlkit.config import config_from_dict
 from tlkit.errors import ConfigError, ExportError
-from tlkit.export import FORMATS, export_run, load_exported_predictor
+from tlkit.export import (
+    ExportContext,
+    ExportFormat,
+    ExportReport,
+    ExportSource,
+    export_run,
+    get_format,
+    list_formats,
+    parity,
+    quantize,
+    register_format,
+    tflite,
+    unregister_format,
+)
 from tlkit.run import load_run_model, train
+
+FORMATS = [fmt.name for fmt in list_formats()]  # the built-in formats, in build order
 
 SCHEDULE = {
     "stages": [
@@ -60,7 +85,7 @@ def run_dir(workspace: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir: Path, workspace: Path) -> export.ExportReport:
+def exported(run_dir: Path, workspace: Path) -> ExportReport:
     return export_run(run_dir, out=workspace / "models" / "tiny", parity_samples=50, calibration_samples=40)
 
 
@@ -73,7 +98,7 @@ def _listing(base: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir())
 
 
-def test_every_format_is_written_reloads_and_passes_parity(exported: export.ExportReport, run_dir: Path) -> None:
+def test_every_format_is_written_reloads_and_passes_parity(exported: ExportReport, run_dir: Path) -> None:
     out = Path(exported.out_dir)
     assert out.name == "1" and exported.version == 1
     assert [r.format for r in exported.results] == list(FORMATS)
@@ -160,7 +185,7 @@ def test_bias_correction_cancels_the_mean_error_of_int8_weights() -> None:
     floats = means()
     before = [w.numpy() for w in model.weights]
     kernels = {layer.name: layer.kernel.numpy() for layer in (conv, dw, dense)}
-    with export._bias_corrected(model, examples, 0) as count:
+    with quantize.bias_corrected(model, examples, 0) as count:
         assert count == 3
         conv.kernel.assign(_rounded_like_the_converter(kernels["conv"], 1))
         dw.kernel.assign(_rounded_like_the_converter(kernels["dw"], 2))
@@ -177,20 +202,20 @@ def test_bias_correction_cancels_the_mean_error_of_int8_weights() -> None:
         assert np.abs(raw - want).max() > 1e-3  # the rounding does shift the mean ...
         np.testing.assert_allclose(got, want, atol=2e-5)  # ... and the correction takes the shift out
     # Only the BN means and the Dense bias moved inside the block, and they are back afterwards.
-    with export._bias_corrected(model, examples, 0):
+    with quantize.bias_corrected(model, examples, 0):
         moved = {w.path for w, b in zip(model.weights, before) if not np.array_equal(w.numpy(), b)}
     assert moved == {bn1.moving_mean.path, bn2.moving_mean.path, dense.bias.path}
     assert all(np.array_equal(w.numpy(), b) for w, b in zip(model.weights, before))
     # The dynamic-range converter leaves small tensors in float: so does the correction.
-    assert export._bias_corrections(model, examples, 1024) == []
+    assert quantize.bias_corrections(model, examples, 1024) == []
 
 
 def test_disagreement_note_gives_the_keras_margins() -> None:
     want = np.array([[0.9, 0.1], [0.52, 0.48], [0.3, 0.7], [0.45, 0.55]], np.float32)
     have = np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]], np.float32)
-    note = export._disagreement_note(want, have)
+    note = parity.disagreement_note(want, have)
     assert note.startswith("2 disagreement(s)") and "by 0.040, 0.100" in note and "median lead" in note
-    assert export._disagreement_note(want, want) == ""
+    assert parity.disagreement_note(want, want) == ""
 
 
 def test_bias_correction_can_be_turned_off(run_dir: Path, workspace: Path) -> None:
@@ -207,7 +232,7 @@ def test_a_failing_bias_correction_converts_uncorrected(
     def broken(*args: object) -> None:
         raise RuntimeError("unexpected layer graph")
 
-    monkeypatch.setattr(export, "_bias_corrections", broken)
+    monkeypatch.setattr(tflite, "bias_corrections", broken)
     report = export_run(run_dir, ["tflite-dynamic"], out=workspace / "models" / "uncorrected", parity_samples=5,
                         calibration_samples=8)
     assert report.passed
@@ -216,14 +241,14 @@ def test_a_failing_bias_correction_converts_uncorrected(
     assert "bias correction not applied" in report.result("tflite-dynamic").notes
 
 
-def test_int8_is_at_most_a_third_of_fp32(exported: export.ExportReport) -> None:
+def test_int8_is_at_most_a_third_of_fp32(exported: ExportReport) -> None:
     fp32 = exported.result("tflite-fp32").size_bytes
     int8 = exported.result("tflite-int8").size_bytes
     assert int8 <= 0.35 * fp32, (int8, fp32)
 
 
 def test_savedmodel_signature_takes_any_size_uint8_and_returns_label_names(
-    exported: export.ExportReport, run_dir: Path
+    exported: ExportReport, run_dir: Path
 ) -> None:
     loaded = tf.saved_model.load(exported.out_dir)
     serve = loaded.signatures["serving_default"]
@@ -245,7 +270,7 @@ def test_savedmodel_signature_takes_any_size_uint8_and_returns_label_names(
     np.testing.assert_allclose(probabilities, model(images.astype(np.float32), training=False).numpy(), atol=1e-5)
 
 
-def test_keras_artifact_loads_in_safe_mode(exported: export.ExportReport, run_dir: Path) -> None:
+def test_keras_artifact_loads_in_safe_mode(exported: ExportReport, run_dir: Path) -> None:
     import tlkit.layers  # noqa: F401
 
     path = Path(exported.out_dir) / exported.result("keras").path
@@ -264,20 +289,20 @@ def test_broken_export_fails_clearly_and_leaves_no_version(run_dir: Path, worksp
 
 
 def test_parity_failure_fails_and_leaves_no_version(
-    exported: export.ExportReport, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+    exported: ExportReport, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = Path(exported.out_dir).parent  # already holds version 1
     before = _listing(base)
-    original = export.TFLitePredictor.predict_one
+    original = TFLitePredictor.predict_one
     # A converter bug in miniature: the exported model answers with its classes rotated.
-    monkeypatch.setattr(export.TFLitePredictor, "predict_one", lambda self, x: np.roll(original(self, x), 1))
+    monkeypatch.setattr(TFLitePredictor, "predict_one", lambda self, x: np.roll(original(self, x), 1))
     with pytest.raises(ExportError, match="tflite-fp32: top-1 agreement 0.000 .* below 0.990") as info:
         export_run(run_dir, ["tflite-fp32"], out=base)
     assert "FAILED" in str(info.value)
     assert _listing(base) == before
 
 
-def test_existing_version_is_never_overwritten(exported: export.ExportReport, run_dir: Path) -> None:
+def test_existing_version_is_never_overwritten(exported: ExportReport, run_dir: Path) -> None:
     first = Path(exported.out_dir)
     before = (first / "metadata.json").read_bytes()
     report = export_run(run_dir, ["tflite-fp32"], out=first.parent, parity_samples=5)
@@ -290,7 +315,7 @@ def test_existing_version_is_never_overwritten(exported: export.ExportReport, ru
 
 
 def test_cli_predict_on_exported_savedmodel_and_tflite(
-    exported: export.ExportReport, run_dir: Path, capsys: pytest.CaptureFixture[str]
+    exported: ExportReport, run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = _images(run_dir)[:2]
     out = Path(exported.out_dir)
@@ -398,3 +423,94 @@ def test_audio_model_exports_with_waveform_signature(tmp_path: Path) -> None:
     outputs = serve(waveform=tf.zeros((3, 5000), tf.float32))
     assert outputs["probabilities"].shape == (3, 2) and outputs["labels"].shape == (3, 2)
     assert {v.decode() for v in outputs["labels"].numpy().ravel()} == {"high", "low"}
+
+
+# --------------------------------------------------------------------------- the format registry
+
+
+@dataclass
+class _NpzPredictor:
+    """The toy format's reloaded artifact: a fresh copy of the architecture with the file's weights."""
+
+    labels: list[str]
+    model: keras.Model
+
+    def predict_one(self, example: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(np.asarray(example, np.float32)[None], training=False))[0]
+
+
+def _write_npz(fmt: ExportFormat, source: ExportSource, directory: Path, context: ExportContext) -> dict[str, object]:
+    np.savez(directory / fmt.file, *[w.numpy() for w in source.model.weights])
+    return {"input": source.raw_input_spec("float32"), "quantization": fmt.quantization}
+
+
+def _reload_npz(fmt: ExportFormat, path: Path, source: ExportSource) -> _NpzPredictor:
+    model = keras.models.clone_model(source.model)  # freshly initialised: every weight must come from the file
+    with np.load(path) as data:
+        model.set_weights([data[f"arr_{i}"] for i in range(len(data.files))])
+    return _NpzPredictor(labels_beside(path), model)
+
+
+def test_a_format_registered_through_the_public_registry_is_written_reloaded_and_checked(
+    run_dir: Path, workspace: Path
+) -> None:
+    npz = ExportFormat(name="weights-npz", file="weights.npz", min_agreement=0.99,
+                       quantization="none (float32 weights)", write=_write_npz, reload=_reload_npz)
+    never = ExportFormat(name="never", file="never.bin", min_agreement=0.5, quantization="", write=_write_npz,
+                         reload=_reload_npz, applies_to=lambda source: False, not_applicable="toy: never applies")
+    assert register_format(npz) is npz and get_format("weights-npz") is npz
+    register_format(never)
+    try:
+        assert [f.name for f in list_formats()][-2:] == ["weights-npz", "never"]
+        with pytest.raises(ConfigError, match="already registered"):
+            register_format(npz)
+        report = export_run(run_dir, ["never", "weights-npz"], out=workspace / "models" / "npz", parity_samples=6)
+        assert report.skipped == {"never": "toy: never applies"}
+        result = report.result("weights-npz")
+        assert result.passed and result.samples == 6 and result.max_abs_diff < 1e-5
+        out = Path(report.out_dir)
+        assert result.path == "weights.npz" and result.size_bytes == (out / "weights.npz").stat().st_size
+        meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+        entry = meta["artifacts"]["weights-npz"]
+        assert entry["path"] == "weights.npz" and entry["quantization"] == "none (float32 weights)"
+        assert entry["parity"]["top1_agreement"] == 1.0 and entry["parity"]["min_agreement"] == 0.99
+        assert set(meta["artifacts"]) == {"weights-npz"}
+    finally:
+        unregister_format("weights-npz")
+        unregister_format("never")
+    assert [f.name for f in list_formats()] == FORMATS
+    with pytest.raises(ConfigError, match="unknown export format 'weights-npz'"):
+        get_format("weights-npz")
+
+
+def test_stale_temporaries_of_interrupted_exports_are_removed(run_dir: Path, workspace: Path) -> None:
+    base = workspace / "models" / "stale"
+    base.mkdir(parents=True)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host, me, gone = socket.gethostname(), os.getpid(), finished.pid
+    stale = [
+        f".tmp-export-{host}-{gone}-deadbeef",  # its process has exited
+        f".tmp-export-{gone}-cafecafe",  # the same, named before the host was recorded
+        f".tmp-export-{host}-{me}-0ld0ld00",  # a live PID (reused) but untouched for two hours
+    ]
+    kept = [
+        f".tmp-export-{host}-{me}-11ve11ve",  # a running export
+        f".tmp-export-other-host-{gone}-0e0e0e0e",  # another machine's (a shared disk), recent
+    ]
+    for name in stale + kept:
+        (base / name).mkdir()
+        (base / name / "labels.txt").write_text("a\n", encoding="utf-8")
+    two_hours_ago = time.time() - 7200
+    for path in (base / stale[2] / "labels.txt", base / stale[2]):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    report = export_run(run_dir, ["tflite-fp32"], out=base, parity_samples=5)
+    assert _listing(base) == sorted(["1", *kept])
+    note = next(n for n in report.notes if "interrupted exports" in n)
+    assert note.startswith("removed 3 temporary folder(s)") and all(name in note for name in stale)
+    meta = json.loads((Path(report.out_dir) / "metadata.json").read_text(encoding="utf-8"))
+    assert note in meta["notes"] and f"note: {note}" in report.table()
+    # Nothing stale left: the next export removes nothing and says nothing about it.
+    again = export_run(run_dir, ["tflite-fp32"], out=base, parity_samples=5)
+    assert not any("interrupted exports" in n for n in again.notes)
+    assert _listing(base) == sorted(["1", "2", *kept])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlkit.errors import ConfigError, TlkitError
+from tlkit.quiet import native_log_filter
 from tlkit.text import format_table
 
 EXPORT_FORMATS_HELP = "savedmodel,keras,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8"
@@ -164,6 +166,8 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], **kwarg
 def build_parser() -> argparse.ArgumentParser:
     """The ``tlkit`` argument parser (imports no TensorFlow)."""
     parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning for vision and speech with Keras.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show TensorFlow's native start-up log lines (or set TLKIT_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _add(sub, "train", _cmd_train, help="fine-tune a classifier in stages from a TOML/YAML config")
@@ -254,17 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tlkit`` console script."""
+    """Entry point of the ``tlkit`` console script.
+
+    TensorFlow's native start-up lines (oneDNN, CUDA probing, ``absl::InitializeLog``) are
+    dropped unless ``--verbose`` is given or ``TLKIT_VERBOSE=1`` is set; see :mod:`tlkit.quiet`.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except TlkitError as exc:
-        print(f"tlkit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tlkit: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    verbose = bool(args.verbose or os.environ.get("TLKIT_VERBOSE", "") not in ("", "0"))
+    with native_log_filter(enabled=not verbose):
+        try:
+            return int(args.func(args) or 0)
+        except TlkitError as exc:
+            print(f"tlkit: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("tlkit: interrupted; run the same command again to resume from the last checkpoint",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

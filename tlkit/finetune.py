@@ -10,6 +10,7 @@ TensorBoard and the merged history; a run directory makes an interrupted run res
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -333,7 +334,7 @@ def _run_stage(
         run.rewrite_live_history(records)
     fit_model.fit(
         _batched(fit_train), validation_data=_batched(fit_val), epochs=stage.epochs, initial_epoch=initial,
-        class_weight=class_weight, callbacks=[*stage_callbacks, *callbacks], verbose=verbose,
+        class_weight=class_weight, callbacks=[*stage_callbacks, *callbacks], verbose=_keras_verbose(verbose),
         shuffle=False,  # tf.data input: shuffling belongs to the pipeline
     )
     fit_model._initial_epoch = None
@@ -359,6 +360,14 @@ def _leave_plain_optimizer(
 
 def _batched(data: Any) -> Any:
     return data.batched() if isinstance(data, Batches) else data
+
+
+def _keras_verbose(verbose: int | str) -> int | str:
+    """``"auto"``: a progress bar on a terminal, one plain line per epoch otherwise (a log file
+    gets no ANSI escapes or carriage returns)."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return verbose
 
 
 def _print(verbose: int | str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Predictions from a run directory (and, through :mod:`tlkit.export`, from exported models).
+"""Predictions from a run directory (and, through :mod:`tlkit.artifacts`, from exported models).
 
 A predictor takes raw input (image pixels 0..255 of any size, or a waveform) and returns
 class probabilities; the preprocessing lives inside the model.
@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import tensorflow as tf
 
+from tlkit.artifacts import load_exported_predictor, metadata_beside
+from tlkit.data.audio import clip_samples, fixed_crops, is_audio_file, load_audio
 from tlkit.errors import ConfigError, DataError
+from tlkit.rundir import RunDir, takes_waveform
 
 
 class Predictor(Protocol):
@@ -58,8 +62,6 @@ class AudioInput:
 
 def load_image(path: str | Path) -> np.ndarray:
     """A file -> (H, W, 3) float32 pixels 0..255 (grayscale and RGBA become RGB)."""
-    import tensorflow as tf
-
     try:
         data = tf.io.read_file(str(path))
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -69,32 +71,26 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def load_predictor(target: str | Path) -> Predictor:
-    """A predictor for a run directory, an exported SavedModel directory or a ``.tflite`` file."""
-    path = Path(target)
-    if (path / "model.keras").is_file() and (path / "config.json").is_file():  # a run directory
-        from tlkit.run import load_run_model
+    """A predictor for a run directory, an exported SavedModel directory, a ``.tflite`` or ``.keras`` file.
 
-        model, labels = load_run_model(path)
-        if not _takes_waveform(model):
-            return KerasPredictor(model, labels)
-        status = _read_json(path / "run.json")
-        rate = status.get("sample_rate") or _model_sample_rate(model, path)
-        clip = status.get("clip_seconds")
-        if clip is None:
-            clip = _read_json(path / "config.json").get("data", {}).get("clip_seconds")
-        crops = status.get("eval_crops") or _read_json(path / "config.json").get("data", {}).get("eval_crops", 1)
-        return KerasPredictor(
-            model, labels, sample_rate=int(rate) if rate else None,
-            clip_seconds=float(clip) if clip else None, crops=int(crops),
-        )
-    try:
-        from tlkit.export import load_exported_predictor
-    except ImportError:
-        load_exported_predictor = None  # type: ignore[assignment]
-    if load_exported_predictor is not None:
-        predictor = load_exported_predictor(path)
-        if predictor is not None:
-            return predictor
+    A run's model is loaded by :meth:`tlkit.rundir.RunDir.load_model`; an audio run's
+    predictor carries the run's input contract (sample rate, crop length, crops).
+
+    Raises:
+        ConfigError: ``target`` is none of these.
+    """
+    path = Path(target)
+    if RunDir.is_run(path):
+        run = RunDir(path)
+        model = run.load_model(compile=False)
+        contract = run.input_contract(model)
+        if not contract.is_audio:
+            return KerasPredictor(model, run.labels())
+        return KerasPredictor(model, run.labels(), sample_rate=contract.sample_rate,
+                              clip_seconds=contract.clip_seconds, crops=contract.eval_crops)
+    predictor = load_exported_predictor(path)
+    if predictor is not None:
+        return predictor
     raise ConfigError(
         f"{str(path)!r} is not a run directory (with model.keras), an exported SavedModel or a .tflite file"
     )
@@ -117,13 +113,13 @@ def audio_input(predictor: Any, target: str | Path | None = None) -> AudioInput 
         ConfigError: the model takes a waveform but its sample rate cannot be found.
     """
     rate = getattr(predictor, "sample_rate", None)
-    metadata = _metadata_beside(target) if target is not None else {}
+    metadata = metadata_beside(target) if target is not None else {}
     model = getattr(predictor, "model", None)
     takes_audio = (
         rate is not None
         or getattr(predictor, "input_name", None) == "waveform"
         or metadata.get("modality") == "audio"
-        or (model is not None and _takes_waveform(model))
+        or (model is not None and takes_waveform(model))
         or len(getattr(predictor, "input_shape", ()) or ()) == 2
     )
     if not takes_audio:
@@ -140,8 +136,6 @@ def audio_input(predictor: Any, target: str | Path | None = None) -> AudioInput 
     seconds = getattr(predictor, "clip_seconds", None)
     if not seconds:
         return AudioInput(int(rate))
-    from tlkit.data.audio import clip_samples
-
     return AudioInput(int(rate), clip_samples(float(seconds), int(rate)), max(1, int(getattr(predictor, "crops", 1))))
 
 
@@ -157,8 +151,6 @@ def predict_file(
     Raises:
         DataError: the file cannot be decoded, or it is audio and the model takes images.
     """
-    from tlkit.data.audio import fixed_crops, is_audio_file, load_audio
-
     contract = audio_input(predictor, target)
     if contract is None:
         if is_audio_file(path):
@@ -170,44 +162,3 @@ def predict_file(
     count = crops or contract.crops
     rows = fixed_crops(waveform, contract.clip_samples, count)
     return np.mean([np.asarray(predictor.predict_one(row), np.float32) for row in rows], axis=0)
-
-
-def _takes_waveform(model: Any) -> bool:
-    inputs = getattr(model, "inputs", None) or []
-    return bool(inputs) and (inputs[0].name == "waveform" or len(inputs[0].shape) == 2)
-
-
-def _model_sample_rate(model: Any, run: Path) -> int | None:
-    """The rate of a run made before run.json recorded it: a front-end layer's, or the backbone spec's."""
-    for layer in getattr(model, "layers", []):
-        rate = getattr(layer, "sample_rate", None)
-        if rate:
-            return int(rate)
-    name = _read_json(run / "config.json").get("backbone", {}).get("name")
-    if not name:
-        return None
-    from tlkit.backbones.registry import get as get_spec
-    from tlkit.errors import TlkitError
-
-    try:
-        spec = get_spec(name, modality="audio")
-    except TlkitError:
-        return None
-    return spec.sample_rate
-
-
-def _metadata_beside(target: str | Path) -> dict[str, Any]:
-    path = Path(target)
-    return _read_json((path if path.is_dir() else path.parent) / "metadata.json")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

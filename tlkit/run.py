@@ -12,6 +12,7 @@ and test metrics average the probabilities of ``eval_crops`` crops per clip.
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from tlkit.backbones.spec import AudioFrontend, BackboneSpec
 from tlkit.calibrate import Calibration, calibrate_model
 from tlkit.config import DataConfig, RunConfig, load_config
 from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
-from tlkit.data.images import IMAGE_SUFFIXES, Splits, class_weights, encode_labels, load_splits, make_batches
+from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, encode_labels, load_splits, make_batches
 from tlkit.errors import ConfigError
 from tlkit.evaluation.audio import evaluate_audio
 from tlkit.fileio import atomic_save, versions
 from tlkit.finetune import FineTuneResult, fine_tune
 from tlkit.model import build_classifier, classification_loss, classification_metrics
 from tlkit.rundir import InputContract, RunDir, model_name
+from tlkit.transfer_report import RunSplits, finish_report, measure_baselines
 
 
 #: Random training crops per clip whose features are cached when an audio run's head is solved
@@ -73,7 +75,7 @@ def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
     return run.load_model(), run.labels()
 
 
-def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -> RunResult:
+def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, baselines: bool = True) -> RunResult:
     """Trains a classifier as the config says, writing (or resuming) its run directory.
 
     Calling it again with the same config after an interruption resumes from the last
@@ -108,6 +110,10 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
             spec, len(splits.class_names), weights=cfg.backbone.weights, head=cfg.head,
             augmentation=data.augmentation, image_size=data.image_size, seed=cfg.seed, name=model_name(cfg.name),
         )
+    transfer = None
+    if baselines:
+        transfer = measure_baselines(model, data.run_splits, data.image_batches, multi_label=cfg.head.multi_label,
+                                     say=lambda message: _say(verbose, message))
     weights = None
     if cfg.data.class_weights and not cfg.head.multi_label:
         weights = class_weights(splits.train, splits.class_names)
@@ -125,6 +131,13 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
     if splits.test:
         test_metrics = data.evaluate_test(model)
         _say(verbose, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    if transfer is not None:
+        finish_report(transfer, data.predict(model, splits.val) if splits.val else None,
+                      data.predict(model, splits.test) if splits.test else None,
+                      multi_label=cfg.head.multi_label, seconds=history.seconds)
+        _say(verbose, "measured on this run's split:\n" + transfer.table())
+        for warning in transfer.warnings:
+            print(f"[tlkit] WARNING: {warning}", file=sys.stderr, flush=True)
     with strategy.scope():  # a plain optimizer, so the saved model is a clean, fittable Keras model
         model.compile(
             optimizer="adam", loss=classification_loss(cfg.head),
@@ -138,6 +151,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None) -
         "started": started, "finished": time.time(),
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
         "calibration": calibration.to_dict() if calibration else None,
+        "transfer": transfer.to_dict() if transfer else None,
         **data.status, "versions": versions(),
     })
     _say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
@@ -152,7 +166,9 @@ class _RunData:
     train: Any
     val: Any
     evaluate_test: Callable[[keras.Model], dict[str, float]]
-    predict_val: Callable[[keras.Model], tuple[np.ndarray, np.ndarray]] | None  # -> (targets, probabilities)
+    predict: Callable[[keras.Model, list[Example]], tuple[np.ndarray, np.ndarray]]  # -> (targets, probabilities)
+    run_splits: RunSplits
+    image_batches: Callable[[list[Example]], Any] | None
     augmentation: Any
     image_size: tuple[int, int] | None
     status: dict[str, Any]
@@ -211,13 +227,14 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
         test_metrics = {k: float(v) for k, v in values.items()}
         return test_metrics
 
-    def predict_val(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
-        probabilities = model.predict(make(splits.val, False).batched(), verbose=0)
-        return encode_labels(splits.val, splits.class_names), np.asarray(probabilities, np.float32)
+    def predict(model: keras.Model, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+        probabilities = model.predict(make(examples, False).batched(), verbose=0)
+        return encode_labels(examples, splits.class_names), np.asarray(probabilities, np.float32)
 
     contract = InputContract("image", size)
-    return _RunData(splits, train_ds, val_ds, evaluate_test, predict_val if splits.val else None, cfg.augmentation,
-                    size, contract.to_status())
+    run_splits = RunSplits(splits.train, splits.val, splits.test, splits.class_names)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, predict, run_splits, lambda ex: make(ex, False),
+                    cfg.augmentation, size, contract.to_status())
 
 
 def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
@@ -251,24 +268,26 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
             batch_size=batch,
         )
 
-    def predict_val(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
-        waves = [splits.waveforms[e.path] for e in splits.val]
+    def predict(model: keras.Model, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+        waves = [splits.waveforms[e.path] for e in examples]
         probabilities = predict_clips(model.predict_on_batch, waves, clip, crops=crops, batch_size=batch)
-        return encode_labels(splits.val, splits.class_names), np.asarray(probabilities, np.float32)
+        return encode_labels(examples, splits.class_names), np.asarray(probabilities, np.float32)
 
     status = InputContract("audio", None, rate, clip / rate, crops).to_status()
     augmentation = _audio_augmentation(cfg.augmentation, verbose)
-    return _RunData(splits, train_ds, val_ds, evaluate_test, predict_val if splits.val else None, augmentation,
-                    None, status, AUDIO_CACHED_CROPS)
+    run_splits = RunSplits(splits.train, splits.val, splits.test, splits.class_names, splits.waveforms, rate, clip,
+                           crops)
+    return _RunData(splits, train_ds, val_ds, evaluate_test, predict, run_splits, None, augmentation, None, status,
+                    AUDIO_CACHED_CROPS)
 
 
 def _calibrate(model: keras.Model, data: _RunData, cfg: RunConfig, verbose: int | str) -> Calibration | None:
     """Temperature scaling fitted on the validation split (as the run scores it) and folded into
     the model, so every later use of the model returns calibrated probabilities."""
-    if data.predict_val is None:
+    if not data.splits.val:
         _say(verbose, "not calibrated: the run has no validation split")
         return None
-    targets, probabilities = data.predict_val(model)
+    targets, probabilities = data.predict(model, data.splits.val)
     calibration = calibrate_model(model, targets, probabilities, multi_label=cfg.head.multi_label)
     if calibration is None:
         _say(verbose, "not calibrated: a temperature does not lower the validation log-loss "

@@ -1,0 +1,121 @@
+"""Parity: a written artifact, reloaded as a user would, against the run's Keras model."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkit.artifacts import METADATA_FILE
+from tlkit.errors import ExportError
+from tlkit.export.formats import ExportFormat
+from tlkit.export.report import FormatResult
+from tlkit.export.source import ExportSource
+from tlkit.fileio import write_json
+
+
+def verify(
+    fmt: ExportFormat,
+    directory: Path,
+    source: ExportSource,
+    examples: list[np.ndarray],
+    references: dict[str, list[np.ndarray]],
+    threshold: float,
+    info: dict[str, Any],
+) -> tuple[FormatResult, str]:
+    """Reloads ``directory / fmt.file``, runs it on the parity examples, compares with the Keras model.
+
+    Args:
+        examples: raw held-out examples (any size).
+        references: Keras probabilities already computed, by the digest of the inputs the
+            artifact saw (shared between formats that see the same inputs).
+        threshold: the top-1 agreement the artifact must reach.
+        info: the format's metadata entry (written beside the artifact for the reload).
+
+    Returns:
+        The :class:`FormatResult` and the runtime the predictor reports ("" when none).
+
+    Raises:
+        ExportError: the reloaded artifact has other labels, or returns another shape or
+            non-finite probabilities.
+    """
+    # Labels for the reload come from the files beside the artifact, as a user's would.
+    write_json(directory / METADATA_FILE, {"labels": source.labels, "artifacts": {fmt.name: info}})
+    path = directory / fmt.file
+    predictor = fmt.reload(fmt, path, source)
+    if list(predictor.labels) != source.labels:
+        raise ExportError(f"reloaded labels {predictor.labels} differ from the run's {source.labels}")
+    prepare = getattr(predictor, "prepare", None) or (lambda x: x)
+    seen = [np.asarray(prepare(x), np.float32) for x in examples]
+    key = _digest(seen)
+    if key not in references:
+        references[key] = [keras_probabilities(source.model, x) for x in seen]
+    want = np.stack(references[key])
+    predictor.predict_one(examples[0])  # warm-up, not timed
+    got, times = [], []
+    for example in examples:
+        start = time.perf_counter()
+        got.append(np.asarray(predictor.predict_one(example), np.float32))
+        times.append(time.perf_counter() - start)
+    have = np.stack(got)
+    if have.shape != want.shape:
+        raise ExportError(f"the reloaded {fmt.name} model returns shape {have.shape[1:]}, expected {want.shape[1:]}")
+    if not np.all(np.isfinite(have)):
+        raise ExportError(f"the reloaded {fmt.name} model returns NaN or infinite probabilities")
+    agreement = float(np.mean(have.argmax(1) == want.argmax(1)))
+    runtime = str(getattr(predictor, "runtime", "") or "")
+    parts = (f"runtime {runtime}" if runtime else "", _correction_note(info), disagreement_note(want, have))
+    return FormatResult(
+        format=fmt.name, path=fmt.file, size_bytes=fmt.size(path),
+        max_abs_diff=float(np.max(np.abs(have - want))), top1_agreement=agreement,
+        latency_ms=float(np.median(times) * 1000.0), min_agreement=threshold, samples=len(examples),
+        passed=agreement >= threshold, notes="; ".join(part for part in parts if part),
+    ), runtime
+
+
+def disagreement_note(want: np.ndarray, have: np.ndarray) -> str:
+    """Where the artifact picks another class: how far the Keras model's top-1 led its runner-up there.
+
+    Examples on which the Keras model is itself torn between two classes flip under any
+    small perturbation; a disagreement on a clear lead points at the artifact instead.
+    ``want`` and ``have`` are (N, C) probabilities; "" when they agree everywhere.
+    """
+    if want.shape[1] < 2:
+        return ""
+    flipped = np.flatnonzero(have.argmax(1) != want.argmax(1))
+    if not flipped.size:
+        return ""
+    top2 = np.sort(want, axis=1)[:, -2:]
+    lead = top2[:, 1] - top2[:, 0]
+    shown = ", ".join(f"{v:.3f}" for v in np.sort(lead[flipped])[:10])
+    more = f" (+{flipped.size - 10} more)" if flipped.size > 10 else ""
+    return (
+        f"{flipped.size} disagreement(s) where the Keras top-1 probability led the runner-up by {shown}{more} "
+        f"(median lead over all {len(lead)} examples {float(np.median(lead)):.3f})"
+    )
+
+
+def keras_probabilities(model: Any, example: np.ndarray) -> np.ndarray:
+    """(C,) probabilities of the Keras model for one example (no batch axis)."""
+    return np.asarray(model(np.asarray(example, np.float32)[None], training=False), np.float32)[0]
+
+
+def _correction_note(info: dict[str, Any]) -> str:
+    correction = info.get("bias_correction")
+    if isinstance(correction, dict):
+        return f"bias correction: {correction['layers']} layers, {correction['examples']} examples"
+    if correction and correction != "off":
+        return f"bias correction {correction}"
+    return ""
+
+
+def _digest(arrays: list[np.ndarray]) -> str:
+    """Identifies a list of inputs by content, so formats that see the same inputs share a reference."""
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
