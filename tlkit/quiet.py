@@ -48,19 +48,29 @@ def native_log_filter(enabled: bool = True) -> Iterator[None]:
     os.dup2(write_end, 2)
     os.close(write_end)
     python_stderr = sys.stderr
-    sys.stderr = os.fdopen(os.dup(original), "w", buffering=1, encoding="utf-8", errors="replace")
+    replaced = _writes_to_fd2(python_stderr)
+    if replaced:  # Python's own writes skip the filter (a captured or redirected sys.stderr is left alone)
+        sys.stderr = os.fdopen(os.dup(original), "w", buffering=1, encoding="utf-8", errors="replace")
     thread = threading.Thread(target=_forward, args=(read_end, original), daemon=True)
     thread.start()
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        sys.stderr.close()
-        sys.stderr = python_stderr
+        if replaced:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = python_stderr
         os.dup2(original, 2)  # closes the pipe's last write end: the thread sees end-of-file
         thread.join(timeout=2.0)
         os.close(original)
+
+
+def _writes_to_fd2(stream: object) -> bool:
+    try:
+        return stream.fileno() == 2  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _forward(read_end: int, target: int) -> None:
