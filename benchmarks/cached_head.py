@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{train.steps} steps/epoch; backbone {spec.name} weights={weights or 'random'}"
     )
 
-    schedule = tlkit.Schedule.feature_extraction(epochs=args.epochs)
+    # Epoch by epoch on both sides (the default solver="auto" solves the head instead: benchmarks/head_solver.py).
+    schedule = tlkit.Schedule.feature_extraction(epochs=args.epochs, solver="sgd")
     modes = {"uncached": "off", "cached": "memory"}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in modes}
     for rep, order in enumerate(_common.alternate(args.reps, list(modes))):

@@ -28,6 +28,9 @@ SCRIPT = textwrap.dedent("""
     import tlkit.finetune as finetune
     from tlkit.cli import main
     kill_after = int(os.environ.get("KILL_AFTER", "-1"))
+    if os.environ.get("BACKUP_EVERY_EPOCH"):  # resume from a mid-stage backup, not the stage's start
+        import tlkit.checkpointing
+        tlkit.checkpointing.MIN_BUDGET_SECONDS = 0.0
     finished = [0]
     original = finetune._HistoryRecorder.on_epoch_end
     def on_epoch_end(self, epoch, logs=None):
@@ -64,8 +67,10 @@ def _config(tmp: Path, data: Path, name: str, stages: list[dict]) -> Path:
     return path
 
 
-def _train(config: Path, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
+def _train(config: Path, kill_after: int | None = None, every_epoch: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KILL_AFTER": str(kill_after if kill_after is not None else -1)}
+    if every_epoch:
+        env["BACKUP_EVERY_EPOCH"] = "1"
     return subprocess.run([sys.executable, "-c", SCRIPT, str(config)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -74,15 +79,23 @@ def _history(run: Path) -> list[dict]:
     return json.loads((run / "history.json").read_text())["epochs"]
 
 
-@pytest.mark.parametrize(("stages", "kill_after"), [(THREE_STAGES, 3), (TWO_STAGES, 1)],
-                         ids=["killed-in-top-epoch-2-of-3-stages", "killed-in-head-epoch-2"])
-def test_kill_9_resume_runs_every_epoch_of_every_stage(tmp_path: Path, stages: list[dict], kill_after: int) -> None:
+@pytest.mark.parametrize(("stages", "kill_after", "every_epoch"),
+                         [(THREE_STAGES, 3, True), (TWO_STAGES, 1, True), (THREE_STAGES, 4, False)],
+                         ids=["killed-in-top-epoch-2-of-3-stages", "killed-in-head-epoch-2",
+                              "killed-in-top-epoch-3-default-backup-budget"])
+def test_kill_9_resume_runs_every_epoch_of_every_stage(
+    tmp_path: Path, stages: list[dict], kill_after: int, every_epoch: bool
+) -> None:
     data = write_image_folder(tmp_path / "data", n_per_class=10)
-    killed = _train(_config(tmp_path, data, "killed", stages), kill_after)
+    killed = _train(_config(tmp_path, data, "killed", stages), kill_after, every_epoch)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "training"
+    stage_dir = tmp_path / "killed" / "checkpoints" / ("top" if kill_after >= 2 else "head")
+    # Backups every epoch: the interrupted stage has one to resume from (a head stage on cached features
+    # names its files head_*); with the default 30 s budget a stage this short has none and restarts.
+    assert bool(list(stage_dir.glob("*backup.json"))) == every_epoch
 
-    resumed = _train(_config(tmp_path, data, "killed", stages))
+    resumed = _train(_config(tmp_path, data, "killed", stages), every_epoch=every_epoch)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = _train(_config(tmp_path, data, "whole", stages))
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -8,9 +8,10 @@ Keras's ``BackupAndRestore`` + ``ModelCheckpoint`` write two full checkpoints ev
 - the best epoch's weights are kept in memory (a copy of the arrays, no disk write);
 - with a run directory, the resume backup (weights with the optimizer state, then a small
   JSON with the epoch) is written atomically when ``budget_seconds`` have passed since the
-  last one, and at the end of the stage; without one, nothing is written at all;
-- the default budget adapts: at least 20 times the last write's duration (a backup then
-  costs under 5% of training time), so a kill -9 loses at most that many seconds of work.
+  last one; the end of a stage writes its final weights instead; without a run directory
+  nothing is written at all;
+- the default budget is 30 s, or 20 times the last write's duration when that is longer (a
+  backup then costs under 5% of training time), so a kill -9 loses at most that much work.
 
 Resuming is explicit: :func:`restore_backup` loads the backup into the model and returns the
 epoch to pass as ``fit(initial_epoch=...)``.
@@ -32,8 +33,10 @@ from tlkit.fileio import atomic_save, read_json, write_json
 BACKUP_WEIGHTS = "backup.weights.h5"
 BACKUP_STATE = "backup.json"
 BEST_WEIGHTS = "best.weights.h5"
-#: A backup may cost at most 1 / BUDGET_FACTOR of the time between backups.
+#: A backup may cost at most 1 / BUDGET_FACTOR of the time between backups...
 BUDGET_FACTOR = 20.0
+#: ...and comes at most every MIN_BUDGET_SECONDS: a kill -9 loses at most this much work.
+MIN_BUDGET_SECONDS = 30.0
 
 
 @dataclass
@@ -51,7 +54,8 @@ class StageCheckpoint(keras.callbacks.Callback):
     Args:
         stage_dir: the stage's checkpoint folder (``None``: no files, only the in-memory best).
         monitor: ``"val_loss"`` or ``"loss"`` (lower is better).
-        epochs: the stage's epoch count (the last epoch always writes a backup).
+        epochs: the stage's epoch count (the last epoch writes no backup: the stage's final
+            weights follow it).
         prefix: file-name prefix of a stage trained on cached features (its files hold the
             head's weights, not the full model's).
         budget_seconds: fixed seconds between backups (``None``: adaptive, see above).
@@ -90,9 +94,12 @@ class StageCheckpoint(keras.callbacks.Callback):
             self._best_on_disk = False
         if self.stage_dir is None:
             return
-        budget = self.budget_seconds if self.budget_seconds is not None else BUDGET_FACTOR * self._write_seconds
+        budget = self.budget_seconds
+        if budget is None:
+            budget = max(MIN_BUDGET_SECONDS, BUDGET_FACTOR * self._write_seconds)
+        # The last epoch needs no backup: the stage's end writes its final weights and done marker.
         last = epoch + 1 >= self.epochs or bool(getattr(self.model, "stop_training", False))
-        if last or time.monotonic() - self._last_write >= budget:
+        if not last and time.monotonic() - self._last_write >= budget:
             self.write_backup(epoch + 1)
 
     def write_backup(self, epoch: int) -> None:

@@ -59,20 +59,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from tlkit.predict import load_predictor, predict_file, top_k
+    from tlkit.predict import load_predictor, predict_files
 
-    predictor = load_predictor(args.target)
-    results = []
-    for file in args.files:
-        probabilities = predict_file(predictor, file, target=args.target, crops=args.crops)
-        results.append({"file": file, "top": top_k(probabilities, predictor.labels, args.top_k)})
-    if args.json:
-        print(json.dumps(results, indent=1))
+    predictor = load_predictor(args.target, trust=args.trust)
+    results = predict_files(predictor, args.files, target=args.target, crops=args.crops, batch_size=args.batch_size)
+    failed = [r for r in results if not r.ok]
+    if args.json:  # strict JSON: a NaN never gets here (it is an error row), and allow_nan=False proves it
+        print(json.dumps([r.to_dict(predictor.labels, args.top_k) for r in results], indent=1, allow_nan=False))
     else:
-        rows = [(r["file"], *(f"{label} {p:.3f}" for label, p in r["top"])) for r in results]
-        headers = ("file", *(f"top {i + 1}" for i in range(min(args.top_k, len(predictor.labels)))))
-        print(format_table(headers, rows))
+        k = min(args.top_k, len(predictor.labels))
+        rows = [(r.file, *(f"{label} {p:.3f}" for label, p in r.to_dict(predictor.labels, k)["top"])) if r.ok
+                else (r.file, f"error: {r.error}", *([""] * (k - 1))) for r in results]
+        print(format_table(("file", *(f"top {i + 1}" for i in range(k))), rows))
+    if failed:
+        print(f"tlkit: {len(failed)} of {len(results)} file(s) could not be classified; see their error rows",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from tlkit.artifacts import inspect_saved_model
+
+    report = inspect_saved_model(args.saved_model)
+    if args.json:
+        print(json.dumps({"path": report.path, "ops": report.ops, "unsafe": report.unsafe,
+                          "unsafe_in": {op: report.where[op] for op in report.unsafe}}, indent=1))
+    else:
+        order = sorted(report.ops, key=lambda op: (op not in report.unsafe, op))
+        rows = [(op, report.ops[op], report.unsafe.get(op, ""), ", ".join(report.where[op][:3]) if op in report.unsafe
+                 else "") for op in order]
+        print(format_table(("op", "nodes", "flagged", "in"), rows))
+        print(f"\n{len(report.unsafe)} flagged op type(s) of {len(report.ops)}"
+              + ("; `tlkit predict` refuses this SavedModel without --trust" if report.unsafe else ""))
+    return 1 if report.unsafe else 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -154,6 +174,15 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from tlkit.lr_find import lr_find_config, summary
+
+    result = lr_find_config(args.config, args.stage, steps=args.steps, min_lr=args.min_lr, max_lr=args.max_lr,
+                            out=args.out, verbose=0 if args.json else "auto")
+    print(json.dumps(result.to_dict(), indent=1) if args.json else summary(result))
+    return 0
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -174,12 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config (.toml, .yaml or .json)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = _add(sub, "predict", _cmd_predict, help="classify files with a run directory or an exported model")
+    p = _add(sub, "predict", _cmd_predict, help="classify files with a run directory or an exported model",
+             description="Classifies image or audio files, one row per file. A file that cannot be read, holds "
+                         "NaN or infinite audio samples, or gets non-finite probabilities is an error row (its "
+                         "reason); the other files are still classified, and the exit status is then 1.",
+             epilog="Security: a SavedModel or run directory is code. Loading one runs its TensorFlow graph, and a "
+                    "graph can read and write files with your permissions (ReadFile / WriteFile ops) or call "
+                    "Python. A SavedModel whose graph holds such ops is refused unless --trust is given; list its "
+                    "ops first with `tlkit inspect DIR`. Load run directories and models only from people you "
+                    "trust (docs/deploy.md).")
     p.add_argument("target", help="run directory, exported SavedModel directory or .tflite file")
     p.add_argument("files", nargs="+", help="image or audio files (wav, flac, ogg, mp3)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--crops", type=int, default=None,
                    help="audio: crops averaged per file (default: the run's eval_crops)")
+    p.add_argument("--batch-size", type=int, default=32, help="files read and examples scored per batch")
+    p.add_argument("--trust", action="store_true",
+                   help="load a SavedModel even when its graph reads or writes files or runs Python")
+    p.add_argument("--json", action="store_true", help="print JSON (strict: no NaN) instead of a table")
+
+    p = _add(sub, "inspect", _cmd_inspect,
+             help="list the ops of a SavedModel and flag those that read or write files or run code",
+             description="Reads saved_model.pb without loading or running it and lists every op of its graphs. "
+                         "Flagged: file reading and writing (ReadFile, WriteFile, MatchingFiles, dataset and "
+                         "summary writers), Python calls (PyFunc, EagerPyFunc), RPC, checkpoint ops outside the "
+                         "SavedModel's own saver, and ops this TensorFlow does not know (custom ops). Exit "
+                         "status 1 when any op is flagged.")
+    p.add_argument("saved_model", help="a SavedModel directory (with saved_model.pb)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = _add(sub, "backbones", _cmd_backbones, help="list the backbone registry")
@@ -254,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most N training and N validation examples per class (quick look)")
     p.add_argument("--seed", type=int, default=0, help="the split's seed (as in the run config)")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON")
+
+    p = _add(sub, "lr-find", _cmd_lr_find,
+             help="LR range test: sweep one stage's learning rate and suggest one to paste into the config",
+             description="Trains one batch per rate while the rate grows exponentially (Smith 2015), records the "
+                         "smoothed loss, stops when it diverges, and suggests the rate of steepest descent. Writes "
+                         "lr_find_<stage>.png and .json beside the config (or into --out); the run directory and "
+                         "the model are not touched. Head-only stages are solved without a learning rate by "
+                         "default (solver='auto'): the test matters for thawed stages and solver='sgd' heads.")
+    p.add_argument("config", help="run config (.toml, .yaml or .json)")
+    p.add_argument("--stage", default=None, metavar="NAME",
+                   help="the stage to sweep (default: the first stage that thaws backbone groups, else the first)")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="batches in the sweep (default 200)")
+    p.add_argument("--min-lr", type=float, default=1e-7, metavar="X", help="first rate (default 1e-7)")
+    p.add_argument("--max-lr", type=float, default=10.0, metavar="Y", help="last rate (default 10)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write the plot and JSON here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 

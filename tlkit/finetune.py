@@ -27,7 +27,8 @@ from tlkit.errors import ConfigError
 from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.fileio import atomic_save, write_json
 from tlkit.head_fit import HeadFit, solve_head
-from tlkit.model import HeadConfig, backbone_groups, classification_loss, classification_metrics, split_head
+from tlkit.model import (HeadConfig, backbone_groups, classification_loss, classification_metrics, integer_labels,
+                         split_head)
 from tlkit.rundir import RunDir
 from tlkit.schedule import Schedule, Stage
 
@@ -169,9 +170,11 @@ def fine_tune(
     Args:
         model: a model from :func:`tlkit.build_classifier` (or any model with a layer named
             ``"backbone"``; its groups then come from the spec or a depth split).
-        train / validation: ``tf.data.Dataset`` of ``(inputs, one_hot_labels)`` batches, or
+        train / validation: ``tf.data.Dataset`` of ``(inputs, labels)`` batches, or
             :class:`~tlkit.data.batches.Batches` (what ``tlkit.data.make_batches`` returns),
-            which also allows the feature cache.
+            which also allows the feature cache. Labels are one-hot rows (B, C), or class
+            indices (B,) / (B, 1) integers as ``keras.utils.image_dataset_from_directory``
+            yields by default (then the default loss and metrics are the sparse ones).
         schedule: default ``Schedule.fine_tune()``.
         head: the head config, for the default loss and metrics (default: the model's own).
         loss / metrics: override the defaults (cross-entropy matching the head; accuracy).
@@ -193,8 +196,9 @@ def fine_tune(
         feature_passes: passes over ``train`` when it is a random ``tf.data`` pipeline (audio
             crops): that many random crops per clip are cached. Ignored for ``Batches``.
         backup_seconds: seconds between resume backups within a stage (with ``run_dir``); the
-            default adapts so that backups cost under 5% of training time. The last epoch of a
-            stage is always backed up; without ``run_dir`` nothing is written.
+            default is 30 s or 20 times a backup's write time, whichever is longer (backups then
+            cost under 5% of training time). A finished stage writes its final weights; without
+            ``run_dir`` nothing is written (see :mod:`tlkit.checkpointing`).
 
     Returns:
         A :class:`FineTuneResult` with one merged history across stages.
@@ -202,7 +206,8 @@ def fine_tune(
     schedule = schedule or Schedule.fine_tune()
     head = head or getattr(model, "tlkit_head", None) or HeadConfig()
     num_classes = int(model.output.shape[-1])
-    loss = loss or classification_loss(head)
+    sparse = integer_labels(train)
+    loss = loss or classification_loss(head, sparse=sparse)
     strategy = strategy or tf.distribute.get_strategy()
     groups = backbone_groups(model)
     run = RunDir(run_dir) if run_dir is not None else None
@@ -217,7 +222,7 @@ def fine_tune(
     cache: FeatureCache | None = None
 
     def metric_list() -> list[Any]:
-        return list(metrics) if metrics is not None else classification_metrics(head, num_classes)
+        return list(metrics) if metrics is not None else classification_metrics(head, num_classes, sparse=sparse)
 
     for stage in schedule.stages:
         stage_dir = run.checkpoints(stage.name) if run is not None else None
