@@ -1,7 +1,7 @@
 """The example apps (apps/*): each offline smoke path runs end to end as its README says.
 
 Per app: ``prepare.py`` on offline data (synthetic leaves, synthetic DICOM files, an
-espeak-ng corpus), ``tlkit train`` with the app's ``config.sample.toml`` (data and run
+eSpeak NG corpus from the espeakng-loader wheel: no system package), ``tlkit train`` with the app's ``config.sample.toml`` (data and run
 directory pointed at a temporary folder, everything else as shipped), ``tlkit evaluate``,
 the app's own scripts, and ``tlkit export`` whose parity check must pass for every format
 the smoke path exports. Each app takes one to two minutes on 2 CPU cores.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import shutil
+import os
 import subprocess
 import sys
 import tomllib
@@ -29,10 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 APPS = REPO / "apps"
 
 
-def _script(app: str, name: str, *args: str) -> str:
-    """Runs ``apps/<app>/<name>`` as a user would (its own process); returns stdout."""
+def _script(app: str, name: str, *args: str, no_programs: bool = False) -> str:
+    """Runs ``apps/<app>/<name>`` as a user would (its own process); returns stdout.
+
+    ``no_programs``: with an empty ``PATH``, so no system program (``espeak-ng``, ``ffmpeg``)
+    can be what makes it work."""
+    env = {**os.environ, "PATH": str(REPO / "no-such-folder")} if no_programs else None
     result = subprocess.run(
-        [sys.executable, str(APPS / app / name), *args], capture_output=True, text=True, cwd=REPO, check=False
+        [sys.executable, str(APPS / app / name), *args], capture_output=True, text=True, cwd=REPO, check=False,
+        env=env,
     )
     assert result.returncode == 0, f"{app}/{name} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -269,16 +274,81 @@ def test_medical_prepare_reads_kermany_and_rsna_layouts(tmp_path: Path) -> None:
     assert (tmp_path / "r" / rows["B2"]["path"]).is_file()
 
 
+def _script_status(app: str, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``apps/<app>/<name>`` in its own process and returns it whatever its exit status."""
+    return subprocess.run([sys.executable, str(APPS / app / name), *args], capture_output=True, text=True, cwd=REPO,
+                          check=False)
+
+
+def _bad_dicoms(folder: Path, good: Path) -> list[Path]:
+    """A truncated copy of ``good``, a file that is not DICOM, and a DICOM without pixel data."""
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    truncated = folder / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:300])
+    garbage = folder / "garbage.dcm"
+    garbage.write_bytes(b"this is not a DICOM file")
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    empty = folder / "no_pixels.dcm"
+    ds.save_as(empty)
+    return [truncated, garbage, empty]
+
+
+def test_medical_scripts_report_a_corrupt_dicom_and_keep_the_others(tmp_path: Path) -> None:
+    import keras
+
+    synthetic = _module("medical_imaging", "synthetic_dicom")
+    source = tmp_path / "source"
+    good = []
+    for index, label in enumerate(("normal", "normal", "pneumonia", "pneumonia")):
+        (source / label).mkdir(parents=True, exist_ok=True)
+        values = synthetic.radiograph(index > 1, 32, seed=index)
+        good.append(synthetic.write_dicom(source / label / f"p{index}.dcm", values, patient_id=f"P{index}", label=label,
+                                          index=index, window=(1800.0, 3000.0)))
+    bad = _bad_dicoms(source / "pneumonia", good[0])
+
+    # prepare.py: the good files are converted, the bad ones listed with their reasons, exit status 1.
+    result = _script_status("medical_imaging", "prepare.py", "--from-folder", str(source),
+                            "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr
+    with open(tmp_path / "out" / "manifest.csv", newline="", encoding="utf-8") as handle:
+        assert sorted(Path(r["source"]).name for r in csv.DictReader(handle)) == [f.name for f in good]
+    with open(tmp_path / "out" / "skipped.csv", newline="", encoding="utf-8") as handle:
+        skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(handle)}
+    assert sorted(skipped) == sorted(f.name for f in bad)
+    assert "holds no pixel data" in skipped["no_pixels.dcm"] and "cannot read DICOM" in skipped["garbage.dcm"]
+    assert "skipped.csv" in result.stderr
+
+    # predict_dicom.py: one row per file, errors as rows, strict JSON, exit status 1.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255.0)(inputs))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(model_dir / "keras_model.keras")
+    (model_dir / "labels.txt").write_text("normal\npneumonia\n", encoding="utf-8")
+    files = [good[0], *bad, good[2]]
+    result = _script_status("medical_imaging", "predict_dicom.py", str(model_dir / "keras_model.keras"),
+                            *map(str, files), "--json")
+    assert result.returncode == 1, result.stderr
+    rows = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))["results"]
+    assert [r["file"] for r in rows] == [str(f) for f in files]
+    for row in (rows[0], rows[-1]):
+        assert row["error"] is None and sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(row["error"] and "probabilities" not in row for row in rows[1:-1])
+    assert "holds no pixel data" in rows[3]["error"]
+    assert "3 of 5 file(s)" in result.stderr
+
+
 # --------------------------------------------------------------------------- accent_adaptation
 
 
 @pytest.fixture(scope="module")
 def accents(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("espeak-ng") is None and shutil.which("espeak") is None:
-        pytest.fail("espeak-ng is not installed; the accent app's offline corpus needs it: "
-                    "`apt-get install espeak-ng` (.ci/run installs it)")
     root = tmp_path_factory.mktemp("accent_adaptation")
-    _script("accent_adaptation", "prepare.py", "--sample", "--out", str(root / "data"))
+    _script("accent_adaptation", "prepare.py", "--sample", "--out", str(root / "data"), no_programs=True)
     config = _sample_config("accent_adaptation", root / "data", root / "run", root / "config.json")
     _tlkit("train", str(config), "--quiet")
     return root
@@ -317,6 +387,35 @@ def test_accent_smoke_path_is_speaker_independent_adapts_and_exports(accents: Pa
 
     # TFLite is not in the smoke path: Whisper's 400-point FFT does not convert (see the README).
     _export_ok(run, accents / "models", "savedmodel,keras")
+
+
+def test_synthetic_accents_need_no_system_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eSpeak NG comes from the espeakng-loader wheel: it speaks with PATH emptied, each accent voice
+    differently."""
+    monkeypatch.setenv("PATH", "")
+    synth = _module("accent_adaptation", "synthetic_accents")
+    engine = synth.engine()
+    text = synth.SENTENCES[0]
+    clips = {accent: engine.speak(text, f"{voice}+m3", 160, 50) for accent, voice in synth.ACCENT_VOICES.items()}
+    assert engine.sample_rate == 22050
+    for accent, clip in clips.items():
+        assert clip.dtype == np.int16 and 1.5 < len(clip) / engine.sample_rate < 6, accent
+        assert np.abs(clip).max() > 3000, accent  # speech, not silence
+    assert len({clip.tobytes() for clip in clips.values()}) == len(clips)  # every accent sounds different
+    with pytest.raises(ValueError, match="no voice"):
+        engine.speak(text, "xx-no-such-voice", 160, 50)
+
+
+def test_the_synthetic_corpus_is_reproducible(tmp_path: Path) -> None:
+    """The same seed writes the same clips (eSpeak NG's pitch flutter carries over from one
+    utterance to the next, so this holds for a whole corpus written in one process)."""
+    small = ("--sample", "--speakers-per-accent", "3", "--clips-per-speaker", "1")
+    for name in ("a", "b"):
+        _script("accent_adaptation", "prepare.py", *small, "--out", str(tmp_path / name), no_programs=True)
+    clips = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.wav"))
+    assert len(clips) == 15
+    assert all((tmp_path / "a" / c).read_bytes() == (tmp_path / "b" / c).read_bytes() for c in clips)
+    assert (tmp_path / "a" / "manifest.csv").read_text() == (tmp_path / "b" / "manifest.csv").read_text()
 
 
 def test_accent_prepare_reads_l2arctic_and_common_voice_layouts(tmp_path: Path) -> None:

@@ -74,6 +74,31 @@ def test_unreadable_silent_and_short_files_are_reported_and_skipped(tmp_path: Pa
         load_audio(corrupt, RATE)
 
 
+def test_an_audio_class_whose_every_file_is_unusable_is_an_error_or_dropped(tmp_path: Path) -> None:
+    root = write_speaker_dataset(tmp_path / "data", speakers_per_class=3, clips_per_speaker=2,
+                                 sample_rate=RATE, layout="folders")
+    write_audio(root / "quiet" / "a.wav", np.zeros(RATE, np.float32), RATE)  # silent
+    (root / "quiet" / "b.wav").write_bytes(b"RIFF....WAVEfmt not audio")  # unreadable
+    with pytest.raises(DataError, match=r"every file of class\(es\) 'quiet' \(2 file\(s\)"):
+        load_audio_splits(root, sample_rate=RATE, val_fraction=0.2, test_fraction=0.2)
+    splits = load_audio_splits(root, sample_rate=RATE, val_fraction=0.2, test_fraction=0.2,
+                               drop_unreadable_classes=True)
+    assert splits.class_names == ["high", "low"] and splits.dropped_classes == ["quiet"]
+    summary = splits.summary()
+    assert "dropped class(es) ['quiet']" in summary and "skipped 2 unreadable, silent or too short" in summary
+
+
+def test_non_audio_files_in_an_audio_folder_are_counted(tmp_path: Path) -> None:
+    root = write_speaker_dataset(tmp_path / "data", speakers_per_class=3, clips_per_speaker=2,
+                                 sample_rate=RATE, layout="speaker_folders")
+    (root / "low" / "low_spk0" / "transcript.txt").write_text("hello")
+    (root / "high" / "cover.png").write_bytes(b"png")
+    splits = load_audio_splits(root, sample_rate=RATE, val_fraction=0.2, test_fraction=0.2, speaker_folders=True)
+    assert sorted(reason for _, reason in splits.ignored) == [
+        "ignored: not an audio suffix (.png)", "ignored: not an audio suffix (.txt)"]
+    assert "ignored 2 file(s)" in splits.summary() and not splits.skipped
+
+
 def test_speaker_aware_split_never_leaks_a_speaker(tmp_path: Path) -> None:
     manifest = write_speaker_dataset(tmp_path / "data", speakers_per_class=6, clips_per_speaker=3,
                                      sample_rate=8000, layout="manifest")

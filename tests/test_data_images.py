@@ -125,3 +125,150 @@ def test_pipeline_resize_equals_the_models_resize(tmp_path: Path, tiny_backbone:
     resize = keras.Model(model.input, model.get_layer("resize").output)
     raw = np.asarray(Image.open(tmp_path / "x.png"), np.float32)[None]
     np.testing.assert_allclose(resize(raw)[0], pipeline, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- nothing lost, nothing silent
+
+
+def _corrupt_class(root: Path, name: str, count: int = 2) -> list[Path]:
+    folder = root / name
+    folder.mkdir()
+    files = [folder / f"{i}.png" for i in range(count)]
+    for file in files:
+        file.write_bytes(b"\x89PNG\r\n\x1a\n not a png at all")
+    return files
+
+
+def test_a_class_whose_every_file_is_unreadable_is_an_error_naming_it(image_folder: Path) -> None:
+    bad = _corrupt_class(image_folder, "purple")
+    with pytest.raises(DataError) as info:
+        load_splits(image_folder)
+    message = str(info.value)
+    assert "'purple' (2 file(s)" in message and str(bad[0]) in message
+    assert "drop_unreadable_classes = true" in message
+
+
+def test_drop_unreadable_classes_leaves_the_class_out_and_says_so(image_folder: Path) -> None:
+    _corrupt_class(image_folder, "purple")
+    splits = load_splits(image_folder, drop_unreadable_classes=True)
+    assert splits.class_names == ["blue", "green", "red"] and splits.dropped_classes == ["purple"]
+    assert len(splits.skipped) == 2
+    assert "dropped class(es) ['purple']" in splits.summary()
+
+
+def test_other_files_are_counted_as_ignored_and_written_to_skipped_csv(image_folder: Path, tmp_path: Path) -> None:
+    from tlkit.rundir import RunDir
+
+    (image_folder / "red" / "notes.txt").write_text("not an image")
+    (image_folder / "README.md").write_text("outside the class folders")
+    splits = load_splits(image_folder)
+    reasons = {Path(p).name: r for p, r in splits.ignored}
+    assert reasons == {"notes.txt": "ignored: not an image suffix (.txt)",
+                       "README.md": "ignored: not inside a class folder"}
+    assert splits.skipped == [] and "ignored 2 file(s)" in splits.summary()
+    (tmp_path / "run").mkdir()
+    RunDir(tmp_path / "run").write_data(splits)
+    written = (tmp_path / "run" / RunDir.SKIPPED).read_text()
+    assert "notes.txt,ignored: not an image suffix (.txt)" in written and "README.md" in written
+
+
+def test_webp_files_train_like_any_other_image(tmp_path: Path) -> None:
+    """RGB, RGBA and grayscale WebP; TensorFlow's own WebP decoder rejects RGBA as RGB."""
+    from tlkit.data.images import decode_rgb
+
+    root = write_image_folder(tmp_path / "d", n_per_class=2)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(root / "red" / "rgb.webp")
+    rgba = rng.integers(0, 255, (25, 25, 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "blue" / "rgba.webp", lossless=True, exact=True)
+    Image.fromarray(np.full((16, 16), 90, np.uint8), "L").save(root / "green" / "gray.webp", lossless=True)
+    (root / "green" / "broken.webp").write_bytes(b"RIFF\x10\x00\x00\x00WEBPVP8 junk")
+    splits = load_splits(root, val_fraction=0, test_fraction=0)
+    used = {Path(e.path).name for e in splits.train}
+    assert {"rgb.webp", "rgba.webp", "gray.webp"} <= used
+    assert [Path(p).name for p, _ in splits.skipped] == ["broken.webp"] and not splits.ignored
+    decoded = decode_rgb(tf_read(root / "blue" / "rgba.webp")).numpy()
+    np.testing.assert_array_equal(decoded, rgba[..., :3])  # lossless: exact pixels, alpha dropped
+    images, _ = next(iter(make_dataset(splits.train, splits.class_names, (8, 8), batch_size=64)))
+    assert images.shape == (len(splits.train), 8, 8, 3)
+
+
+def tf_read(path: Path):  # noqa: ANN201
+    import tensorflow as tf
+
+    return tf.io.read_file(str(path))
+
+
+def _manifest(root: Path, text: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name)
+    (root / "m.csv").write_text(text, encoding="utf-8")
+    return root / "m.csv"
+
+
+def test_manifest_labels_are_stripped_and_case_variants_are_an_error(tmp_path: Path) -> None:
+    same = _manifest(tmp_path / "same", "path,label\na.png,Cat \nb.png,Cat\nc.png, dog\n")
+    assert sorted({e.labels for e in read_manifest(same)}) == [("Cat",), ("dog",)]
+    clash = _manifest(tmp_path / "clash", "path,label\na.png,Cat \nb.png,dog\n\nc.png,cat\n")
+    with pytest.raises(DataError, match=r"'Cat' \(line 2\) and 'cat' \(line 5\)"):
+        read_manifest(clash)
+
+
+@pytest.mark.parametrize("label", ["nan", "NaN", "None", "", "  ", "null", "<NA>"])
+def test_missing_value_labels_are_refused_with_their_line(tmp_path: Path, label: str) -> None:
+    # The blank line 3 counts: the bad row is on line 5 of the file.
+    manifest = _manifest(tmp_path, f"path,label\na.png,cat\n\nb.png,dog\nc.png,{label}\n")
+    with pytest.raises(DataError, match=r"1 row\(s\) without a usable path or label: line 5: "):
+        read_manifest(manifest)
+
+
+def test_manifest_line_numbers_count_blank_lines_for_empty_paths(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, "path,label\n\n\na.png,cat\n,dog\nb.png,dog\n")
+    with pytest.raises(DataError, match="line 5: empty path"):
+        read_manifest(manifest)
+
+
+def test_a_file_under_two_labels_is_an_error_unless_the_manifest_is_multi_label(tmp_path: Path) -> None:
+    single = _manifest(tmp_path / "single", "path,label\na.png,cat\nb.png,dog\n./a.png,dog\n")
+    with pytest.raises(DataError, match=r"'./a.png' is 'cat' on line 2 and 'dog' on line 4"):
+        read_manifest(single)
+    multi = _manifest(tmp_path / "multi", "path,label\na.png,cat\nb.png,cat|dog\na.png,dog\n")
+    examples = read_manifest(multi)
+    assert [e.labels for e in examples] == [("cat", "dog"), ("cat", "dog")]
+    splits = load_splits(manifest=multi, val_fraction=0, test_fraction=0)
+    assert any("merged" in note for note in splits.notes)
+
+
+def test_a_repeated_row_is_used_once_and_noted(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, "path,label\na.png,cat\nb.png,cat\nc.png,dog\nd.png,dog\na.png,cat\n")
+    splits = load_splits(manifest=manifest, val_fraction=0.25, test_fraction=0.25, seed=0)
+    everything = [e.path for e in splits.train + splits.val + splits.test]
+    assert len(everything) == 4 == len(set(everything))
+    assert "repeat a file with the same label" in splits.summary()
+
+
+def test_single_example_classes_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = _manifest(tmp_path, "path,label\na.png,cat\nb.png,cat\nc.png,cat\nd.png,dog\n")
+    with caplog.at_level(logging.WARNING, logger="tlkit.data"):
+        splits = load_splits(manifest=manifest, val_fraction=0.2, test_fraction=0.2)
+    assert "['dog'] have a single example" in caplog.text
+    assert "['dog'] have a single example" in splits.summary()
+
+
+def test_paths_outside_the_manifest_folder_are_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "x.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "y.png")
+    root = tmp_path / "data" / "sub"
+    text = f"path,label\na.png,cat\nb.png,cat\n../../elsewhere/x.png,dog\n{outside / 'y.png'},dog\n"
+    manifest = _manifest(root, text)
+    with caplog.at_level(logging.WARNING, logger="tlkit.data"):
+        splits = load_splits(manifest=manifest, val_fraction=0, test_fraction=0)
+    warnings = [r.getMessage() for r in caplog.records if "outside its folder" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 4 file(s)")
+    assert "2 of 4 file(s) listed in manifest" in splits.summary()
+    assert {Path(e.path).name for e in splits.train} == {"a.png", "b.png", "x.png", "y.png"}

@@ -87,7 +87,7 @@ def write_legacy(
         def persistent_id(self, obj: object):  # noqa: ANN201
             if isinstance(obj, _Storage):
                 cls = getattr(torch, _STORAGE_NAMES[obj.data.dtype])
-                return ("storage", cls, obj.key, "cpu", obj.data.size, None)
+                return ("storage", cls, obj.key, "cpu", obj.data.size, getattr(obj, "view", None))
             return None
 
     out = io.BytesIO()
@@ -188,6 +188,70 @@ def test_storage_out_of_bounds_is_rejected(tmp_path: Path, monkeypatch: pytest.M
     path = tmp_path / "oob.pth"
     write_legacy(path, {"w": bad}, monkeypatch)
     with pytest.raises(WeightsUnavailableError, match="reaches element"):
+        load_legacy_state_dict(path)
+    with pytest.raises(UnsafeCheckpointError, match="reaches element"):
+        load_legacy_state_dict(path)
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000], ids=["400MB", "40GB"])
+def test_stride_zero_expansion_is_refused_before_any_allocation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int
+) -> None:
+    # One stored float "expands" to side x side floats through stride 0: 400 MB or 40 GB
+    # from a file of a few hundred bytes, unless the element count is bounded by the storage.
+    bomb = _Tensor(_Storage("1", np.ones(1, np.float32)), 0, (side, side), (0, 0))
+    path = tmp_path / "bomb.pth"
+    write_legacy(path, {"w": bomb}, monkeypatch)
+    assert path.stat().st_size < 400
+    with pytest.raises(UnsafeCheckpointError, match=f"claims {side * side} elements but its storage holds 1"):
+        load_legacy_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    "size, stride",
+    [((2, 2), (0, 1)), ((4,), (0,)), ((2, 3), (1, 1))],
+    ids=["stride0-row", "stride0-vector", "overlapping"],
+)
+def test_overlapping_views_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: tuple[int, ...], stride: tuple[int, ...]
+) -> None:
+    # In bounds and no more elements than stored, but elements repeat: not a state dict.
+    view = _Tensor(_Storage("1", np.arange(8, dtype=np.float32)), 0, size, stride)
+    path = tmp_path / "overlap.pth"
+    write_legacy(path, {"w": view}, monkeypatch)
+    with pytest.raises(UnsafeCheckpointError, match="overlapping view"):
+        load_legacy_state_dict(path)
+
+
+def test_negative_strides_and_views_past_the_root_storage_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backwards = _Tensor(_Storage("1", np.arange(8, dtype=np.float32)), 4, (3,), (-1,))
+    path = tmp_path / "negative.pth"
+    write_legacy(path, {"w": backwards}, monkeypatch)
+    with pytest.raises(UnsafeCheckpointError, match="negative"):
+        load_legacy_state_dict(path)
+
+    # Pre-0.4 layout: a storage *view* (view key, offset, size) into a root storage of 4.
+    root = _Storage("1", np.arange(4, dtype=np.float32))
+    root.view = ("2", 2, 10)  # elements 2..11 of a 4-element storage
+    path = tmp_path / "view.pth"
+    write_legacy(path, {"w": _Tensor(root, 0, (2,), (1,))}, monkeypatch)
+    with pytest.raises(UnsafeCheckpointError, match="reaches past its root storage"):
+        load_legacy_state_dict(path)
+    root.view = ("2", 1, 3)  # elements 1..3: fine
+    write_legacy(path, {"w": _Tensor(root, 1, (2,), (1,))}, monkeypatch)
+    np.testing.assert_array_equal(load_legacy_state_dict(path)["w"], [2.0, 3.0])
+
+
+def test_storage_longer_than_the_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "long.pth"
+    write_legacy(path, {"w": _Tensor(_Storage("1", np.ones(4, np.float32)), 0, (4,), (1,))}, monkeypatch)
+    data = bytearray(path.read_bytes())
+    count_at = len(data) - 4 * 4 - 8  # the int64 element count sits before the 16 data bytes
+    data[count_at : count_at + 8] = np.int64(1 << 40).tobytes()  # 4 TB of floats
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsUnavailableError, match="truncated: storage '1' claims 1099511627776 elements"):
         load_legacy_state_dict(path)
 
 

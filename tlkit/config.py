@@ -1,5 +1,9 @@
 """Run configs: a TOML or YAML file -> typed dataclasses, with errors that name the key.
 
+Every value is checked against its field's type and range when the config is read
+(:mod:`tlkit.config_check`): ``batch_size = "8"`` or ``image_size = 0`` is a
+:class:`~tlkit.errors.ConfigError` naming the key, not a traceback later.
+
 Example (TOML)::
 
     name = "flowers"
@@ -11,6 +15,7 @@ Example (TOML)::
     val_fraction = 0.15
     test_fraction = 0.15
     batch_size = 32
+    drop_unreadable_classes = false # true: train without a class none of whose files decode
 
     [backbone]
     name = "efficientnet_lite0"     # registry name, TF-Hub handle, SavedModel dir or .keras file
@@ -31,6 +36,11 @@ Example (TOML)::
     [training]
     mixed_precision = "none"        # "mixed_float16" / "mixed_bfloat16" on GPUs
     distribute = "auto"             # "auto", "mirrored", "multi_worker", "one_device"
+
+    [adaptation]                    # optional: unlabelled target domain (docs/adaptation.md)
+    target = "data/hospital_b"
+    method = "dann"                 # "coral", "dann", "reweight", "adabn" or "none"
+    weight = 1.0
 """
 
 from __future__ import annotations
@@ -43,8 +53,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tlkit.audio_augment import AudioAugmentation
+from tlkit.backbones.hub import is_hub_handle
+from tlkit.config_check import check_values, hints_of
 from tlkit.errors import ConfigError
-from tlkit.finetune import Schedule
+from tlkit.schedule import Schedule, Stage
 from tlkit.model import HeadConfig, ImageAugmentation
 
 DEFAULT_IMAGE_BACKBONE = "efficientnet_lite0"
@@ -64,12 +76,18 @@ class DataConfig:
     # Audio only: training crop length, and crops averaged per clip at evaluation.
     clip_seconds: float = 5.0
     eval_crops: int = 3
+    # A class whose every file is unreadable is an error; true drops it (reported in the summary).
+    drop_unreadable_classes: bool = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data")
         if (self.path is None) == (self.manifest is None):
             raise ConfigError("[data] needs exactly one of `path` (class folders) or `manifest` (CSV)")
-        if self.batch_size < 1:
-            raise ConfigError(f"[data] batch_size must be >= 1, got {self.batch_size}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"[data] val_fraction + test_fraction must be below 1 (some examples must train), got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,9 @@ class BackboneConfig:
     weights: str | None = "pretrained"
     image_size: int | None = None
     sample_rate: int | None = None  # ad-hoc audio encoders (a .keras file or SavedModel): their rate
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "backbone")
 
 
 @dataclass(frozen=True)
@@ -93,14 +114,37 @@ class TrainingConfig:
     verbose: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("none", "mixed_float16", "mixed_bfloat16"):
-            raise ConfigError(
-                f"[training] mixed_precision must be none, mixed_float16 or mixed_bfloat16, got {self.mixed_precision!r}"
-            )
-        if self.distribute not in ("auto", "mirrored", "multi_worker", "one_device"):
-            raise ConfigError(
-                f"[training] distribute must be auto, mirrored, multi_worker or one_device, got {self.distribute!r}"
-            )
+        _check_fields(self, "training")  # the Literal annotations name the allowed values
+
+
+@dataclass(frozen=True)
+class AdaptationConfig:
+    """``[adaptation]``: adapt to an unlabelled target domain during training (docs/adaptation.md).
+
+    Attributes:
+        target: a folder or CSV manifest of target images/audio (labels ignored if present);
+            relative to the config file.
+        method: ``"dann"`` (domain-adversarial, gradient reversal), ``"coral"`` (Deep CORAL),
+            ``"reweight"`` (importance-weighted source examples), ``"adabn"`` (BatchNorm
+            statistics re-estimated on the target) or ``"none"``.
+        weight: strength of the adaptation loss (dann, coral).
+    """
+
+    target: str | None = None
+    method: Literal["coral", "dann", "reweight", "adabn", "none"] = "none"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "adaptation")
+        if self.weight < 0:
+            raise ConfigError(f"[adaptation] weight must be >= 0, got {self.weight}")
+        if self.method != "none" and not self.target:
+            raise ConfigError(f"[adaptation] method = {self.method!r} needs `target` (a folder or CSV manifest of "
+                              "unlabelled target examples)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
 
 
 @dataclass(frozen=True)
@@ -115,6 +159,7 @@ class RunConfig:
     augmentation: ImageAugmentation | AudioAugmentation | None = field(default_factory=ImageAugmentation)
     schedule: Schedule = field(default_factory=Schedule.fine_tune)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     seed: int = 0
     source: str | None = None
 
@@ -126,23 +171,34 @@ class RunConfig:
         return raw
 
 
-def _build(cls: type, raw: Any, section: str) -> Any:
+def _table(raw: Any, section: str) -> dict[str, Any]:
+    """A config table as a dict (absent: empty)."""
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}] must be a table, got {type(raw).__name__}")
+    return dict(raw)
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    raw = _table(raw, section)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known keys: {sorted(known)}")
-    values = dict(raw)
-    for f in dataclasses.fields(cls):
-        if f.name in values and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
+    values = check_values(hints_of(cls), raw, section)
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"[{section}]: {exc}") from exc
+
+
+def _check_fields(config: Any, section: str) -> None:
+    """Holds a config dataclass's own fields to their annotations and ranges
+    (:mod:`tlkit.config_check`), converting in place (ints to floats, lists to tuples)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name, value in check_values(hints_of(type(config)), values, section).items():
+        object.__setattr__(config, name, value)
 
 
 def _schedule(raw: Any) -> Schedule:
@@ -156,7 +212,17 @@ def _schedule(raw: Any) -> Schedule:
     if stages is not None:
         if preset is not None or raw:
             raise ConfigError("[schedule] takes either `stages` or `preset` with its options, not both")
-        return Schedule.from_dicts(stages)
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise ConfigError("[schedule] stages must be a list of tables ([[schedule.stages]] in TOML)")
+        hints = hints_of(Stage)
+        return Schedule.from_dicts(
+            [check_values(hints, stage, f"schedule.stages #{n + 1}") for n, stage in enumerate(stages)]
+        )
+    if not isinstance(preset or "", str):
+        raise ConfigError(f"[schedule] preset must be a string, got {preset!r}")
+    builder = getattr(Schedule, preset or "fine_tune", None)
+    if callable(builder):  # a preset's keyword options, or Stage fields it passes on
+        raw = check_values({**hints_of(Stage), **hints_of(builder)}, raw, "schedule")
     return Schedule.preset(preset or "fine_tune", **raw)
 
 
@@ -169,6 +235,8 @@ def _augmentation(raw: Any) -> ImageAugmentation | AudioAugmentation | None:
         return ImageAugmentation()
     if not isinstance(raw, dict):
         raise ConfigError("[augmentation] must be a table")
+    if not isinstance(raw.get("enabled", True), bool):
+        raise ConfigError(f"[augmentation] enabled must be true or false, got {raw['enabled']!r}")
     if raw.get("enabled", True) is False:
         return None
     raw = {k: v for k, v in raw.items() if k != "enabled"}
@@ -186,21 +254,24 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
     """Builds a :class:`RunConfig`; relative paths are resolved against ``base_dir``."""
     raw = dict(raw)
     base = Path(base_dir)
-    allowed = {"name", "output_dir", "data", "backbone", "head", "augmentation", "schedule", "training", "seed", "source"}
+    allowed = {"name", "output_dir", "data", "backbone", "head", "augmentation", "schedule", "training", "adaptation", "seed",
+               "source"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(allowed)}")
     if "data" not in raw:
         raise ConfigError("the config needs a [data] table with `path` or `manifest`")
-    data = dict(raw["data"])
+    top = check_values(hints_of(RunConfig), {k: raw[k] for k in ("name", "output_dir", "seed") if k in raw}, "")
+    # Types first, so that paths are strings before they are resolved.
+    data = check_values(hints_of(DataConfig), _table(raw["data"], "data"), "data")
     for key in ("path", "manifest"):
         if data.get(key):
             data[key] = str(_resolve(base, data[key]))
     if isinstance(data.get("cache"), str):
         data["cache"] = str(_resolve(base, data["cache"]))
-    backbone = dict(raw.get("backbone") or {})
+    backbone = check_values(hints_of(BackboneConfig), _table(raw.get("backbone"), "backbone"), "backbone")
     name_value = str(backbone.get("name", ""))
-    if name_value and not name_value.startswith(("http://", "https://", "gs://")) and (
+    if name_value and not is_hub_handle(name_value) and (
         "/" in name_value or name_value.endswith(".keras")
     ):
         backbone["name"] = str(_resolve(base, name_value))  # a local .keras file or SavedModel dir
@@ -208,8 +279,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
         backbone["weights"] = None
     elif isinstance(backbone.get("weights"), str) and backbone["weights"] != "pretrained":
         backbone["weights"] = str(_resolve(base, backbone["weights"]))
-    name = str(raw.get("name") or Path(source or "run").stem)
-    output_dir = str(_resolve(base, raw.get("output_dir") or f"runs/{name}"))
+    name = top.get("name") or Path(source or "run").stem
+    output_dir = str(_resolve(base, top.get("output_dir") or f"runs/{name}"))
     return RunConfig(
         name=name,
         output_dir=output_dir,
@@ -219,9 +290,18 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
         augmentation=_augmentation(raw.get("augmentation")),
         schedule=_schedule(raw.get("schedule")),
         training=_build(TrainingConfig, raw.get("training"), "training"),
-        seed=int(raw.get("seed", 0)),
+        adaptation=_build(AdaptationConfig, _adaptation(raw.get("adaptation"), base), "adaptation"),
+        seed=top.get("seed", 0),
         source=source,
     )
+
+
+def _adaptation(raw: Any, base: Path) -> dict[str, Any]:
+    """``[adaptation]`` with its types checked and ``target`` resolved against the config's folder."""
+    table = check_values(hints_of(AdaptationConfig), _table(raw, "adaptation"), "adaptation")
+    if isinstance(table.get("target"), str) and table["target"]:
+        table["target"] = str(_resolve(base, table["target"]))
+    return table
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -152,6 +152,8 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
         "calibration": calibration.to_dict() if calibration else None,
         "transfer": transfer.to_dict() if transfer else None,
+        "data": {"dropped_classes": list(splits.dropped_classes), "skipped_files": len(splits.skipped),
+                 "ignored_files": len(splits.ignored)},
         **data.status, "versions": versions(),
     })
     _say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
@@ -210,6 +212,7 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
     splits = load_splits(
         cfg.data.path, cfg.data.manifest, val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+        drop_unreadable_classes=cfg.data.drop_unreadable_classes,
     )
     _say(verbose, splits.summary())
     run.write_data(splits)
@@ -251,6 +254,7 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
     splits = load_audio_splits(
         cfg.data.path, cfg.data.manifest, sample_rate=rate, val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+        drop_unreadable_classes=cfg.data.drop_unreadable_classes,
     )
     _say(verbose, splits.summary())
     run.write_data(splits)

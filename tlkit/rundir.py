@@ -178,7 +178,11 @@ class RunDir:
             if self.path.is_dir() and any(p.name != ".tlkit-write-test" for p in self.path.iterdir()):
                 raise ConfigError(f"output_dir {str(self.path)!r} exists and is not a tlkit run; choose another output_dir")
             return None
-        old, new = self.raw_config(), json.loads(json.dumps(cfg.to_dict()))
+        new = json.loads(json.dumps(cfg.to_dict()))
+        try:  # normalised by today's dataclasses, so fields added since the run (with defaults) compare equal
+            old = json.loads(json.dumps(self.config().to_dict()))
+        except TlkitError:
+            old = self.raw_config()
         for raw in (old, new):
             raw.pop("source", None)
             raw.get("training", {}).pop("verbose", None)

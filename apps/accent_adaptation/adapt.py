@@ -128,19 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     import tlkit
+    from tlkit.artifacts import KERAS_FILE, LABELS_FILE, METADATA_FILE
     from tlkit.backbones.registry import get as get_spec
-    from tlkit.data.audio import check_audio, clip_samples, load_audio, make_audio_dataset
+    from tlkit.data.audio import check_audio, load_audio, make_audio_dataset
     from tlkit.data.images import Example
-    from tlkit.run import load_run_config, load_run_model, load_split
 
     started = time.time()
-    run = args.run_dir
-    out = args.out or run / "adaptation"
-    cfg = load_run_config(run)
-    status = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    base, old_labels = load_run_model(run)
-    rate, crops = int(status["sample_rate"]), int(status.get("eval_crops") or 1)
-    clip = clip_samples(float(status["clip_seconds"]), rate)
+    run_path = args.run_dir
+    out = args.out or run_path / "adaptation"
+    run = tlkit.RunDir(run_path)
+    run.require_model()
+    if run.status().get("status") != "complete":
+        raise SystemExit(f"run {run_path} has not finished training; finish it with `tlkit train` first")
+    cfg = run.config()
+    base, old_labels = run.load_model(), run.labels()
+    contract = run.input_contract(base)
+    if not contract.is_audio or contract.clip_samples is None:
+        raise SystemExit(f"run {run_path} is not an audio run; adapt.py adapts accent (audio) classifiers")
+    rate, crops, clip = int(contract.sample_rate), contract.eval_crops, contract.clip_samples
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
@@ -162,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         shots += [own[i] for i in sorted(rng.permutation(len(own))[: args.shots])]
     new_test = [e for e in new_examples if (e.group or e.path) not in adapt_speakers]
 
-    train_split, _ = load_split(run, "train")
-    test_split, _ = load_split(run, "test")
+    train_split, test_split = run.split("train"), run.split("test")
     if not test_split:
-        raise SystemExit(f"run {run} has no test split to measure the old accents on")
+        raise SystemExit(f"run {run_path} has no test split to measure the old accents on")
     replay_per_class = args.replay if args.replay is not None else args.shots * args.adapt_speakers
     replay: list[Example] = []
     for label in old_labels:
@@ -205,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     assert adapted is not None
-    adapted.save(out / "keras_model.keras")
-    (out / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    (out / "metadata.json").write_text(json.dumps({
+    adapted.save(out / KERAS_FILE)
+    (out / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
+    (out / METADATA_FILE).write_text(json.dumps({
         "labels": labels, "modality": "audio", "sample_rate": rate, "clip_seconds": clip / rate,
-        "source_run": str(run.resolve()), "made_by": "apps/accent_adaptation/adapt.py",
+        "source_run": str(run_path.resolve()), "made_by": "apps/accent_adaptation/adapt.py",
     }, indent=1), encoding="utf-8")
     setup = {
-        "run": str(run), "new_accent": new_label, "shots_per_speaker": args.shots,
+        "run": str(run_path), "new_accent": new_label, "shots_per_speaker": args.shots,
         "adapt_speakers": sorted(adapt_speakers), "new_accent_train_clips": len(shots),
         "new_accent_test_speakers": sorted({e.group or e.path for e in new_test}),
         "replay_clips_per_old_accent": replay_per_class, "epochs_per_stage": args.epochs,

@@ -10,7 +10,8 @@ Sources::
         --accents "United States English=american,England English=england,Scottish English=scottish,India and South Asia (India, Pakistan, Sri Lanka)=south_asian" \
         --new-accent scottish --max-per-speaker 20
 
-    # offline smoke path: a synthetic corpus made with espeak-ng (see synthetic_accents.py)
+    # offline smoke path: a synthetic corpus made with eSpeak NG, which the espeakng-loader
+    # wheel (a tlkit dependency) bundles as a library (see synthetic_accents.py)
     python apps/accent_adaptation/prepare.py --sample --out data/accent_sample
 
 Writes into ``--out``:
@@ -136,7 +137,7 @@ def from_sample(out: Path, args: argparse.Namespace) -> list[dict]:
         accents = (*accents, args.new_accent)
     rows = write_corpus(out, accents, args.speakers_per_accent, args.clips_per_speaker, args.seed)
     for row in rows:
-        row["source"] = f"espeak-ng {row.pop('voice')}"
+        row["source"] = f"eSpeak NG {row.pop('voice')}"
     return rows
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--l2arctic", type=Path, metavar="ROOT", help="L2-ARCTIC: ROOT/<SPEAKER>/wav/*.wav")
     source.add_argument("--common-voice", type=Path, metavar="ROOT", help="Common Voice: ROOT/validated.tsv, ROOT/clips/")
-    source.add_argument("--sample", action="store_true", help="synthetic espeak-ng corpus (offline smoke path)")
+    source.add_argument("--sample", action="store_true", help="synthetic eSpeak NG corpus (offline smoke path)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     parser.add_argument("--new-accent", help="the accent held out of base.csv for adapt.py")
     parser.add_argument("--speaker-table", type=Path, help="--l2arctic: a speaker,label CSV replacing the built-in table")

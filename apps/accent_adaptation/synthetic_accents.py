@@ -1,10 +1,17 @@
-"""A small synthetic "accented speech" corpus made with espeak-ng, for the offline smoke path.
+"""A small synthetic "accented speech" corpus made with eSpeak NG, for the offline smoke path.
 
 No package ships a multi-speaker accent corpus, so ``prepare.py --sample`` synthesises one
-with espeak-ng's English accent voices. Each synthetic *speaker* is one accent voice with
-its own voice variant (espeak's ``+m1``..``+m8``, ``+f1``..``+f5`` timbres), speaking rate
+with eSpeak NG's English accent voices. Each synthetic *speaker* is one accent voice with
+its own voice variant (eSpeak's ``+m1``..``+m8``, ``+f1``..``+f5`` timbres), speaking rate
 and pitch; every speaker reads the same sentences, so the words say nothing about the
 accent.
+
+Where eSpeak NG comes from: the ``espeakng-loader`` wheel (a tlkit dependency, installed
+by ``pip install -e .``), which bundles the eSpeak NG library (``libespeak-ng`` 1.52,
+GPL-3.0) and its voice data for Linux, macOS and Windows. It is called through ctypes;
+no ``espeak-ng`` program or system package is needed. A corpus is reproducible: the same
+arguments write the same samples (eSpeak's pitch flutter carries over from one utterance
+to the next within a process, so one clip depends on the clips synthesised before it).
 
 What it is: a way to run the whole pipeline (synthesis -> manifest with a speaker column ->
 speaker-independent split -> Whisper encoder fine-tuning -> adaptation to a new accent ->
@@ -20,13 +27,13 @@ transfer. Use L2-ARCTIC or Common Voice for that (``prepare.py --l2arctic/--comm
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import ctypes
+import functools
 from pathlib import Path
 
 import numpy as np
 
-# label -> espeak-ng voice
+# label -> eSpeak NG voice
 ACCENT_VOICES = {
     "american": "en-us",
     "caribbean": "en-029",
@@ -58,25 +65,80 @@ SENTENCES = (
 )
 
 
-def espeak_binary() -> str:
-    """The espeak-ng (or espeak) executable, or a SystemExit naming how to install it."""
-    for name in ("espeak-ng", "espeak"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise SystemExit(
-        "the synthetic accent corpus needs espeak-ng: `sudo apt-get install espeak-ng` (Debian/Ubuntu), "
-        "`brew install espeak-ng` (macOS); or prepare a real corpus with --l2arctic / --common-voice"
-    )
+# espeak_ng.h / speak_lib.h constants
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_RATE, _PITCH = 1, 3
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
-def synthesise(text: str, voice: str, out: Path, speed: int, pitch: int, binary: str | None = None) -> Path:
-    """One sentence as a WAV file (espeak-ng's 22,050 Hz, 16-bit mono)."""
+class Espeak:
+    """eSpeak NG as a library, in synchronous mode: text -> int16 samples at :attr:`sample_rate`.
+
+    One per process (:func:`engine`): the library keeps global state.
+    """
+
+    def __init__(self) -> None:
+        try:
+            import espeakng_loader
+        except ImportError as exc:
+            raise SystemExit(
+                "the synthetic accent corpus needs the espeakng-loader package (eSpeak NG as a library): "
+                "`pip install -e \".[apps]\"` installs it (GPL-3.0, so it is an extra); or prepare a real corpus "
+                "with --l2arctic / --common-voice"
+            ) from exc
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self.sample_rate = int(lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0))
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"eSpeak NG failed to initialise from {espeakng_loader.get_data_path()!r}")
+        self._lib = lib
+        self._chunks: list[np.ndarray] = []
+        self._callback = _SYNTH_CALLBACK(self._collect)  # kept alive as long as the engine
+        lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav: ctypes.Array, count: int, _events: int) -> int:
+        if wav and count > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
+        return 0  # 0: go on synthesising
+
+    def speak(self, text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+        """``text`` read by ``voice`` (e.g. ``"en-gb-scotland+m3"``) at ``speed`` words per minute
+        and ``pitch`` (0-99): int16 ``(samples,)`` at :attr:`sample_rate`."""
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        self._lib.espeak_SetParameter(_RATE, int(speed), 0)
+        self._lib.espeak_SetParameter(_PITCH, int(pitch), 0)
+        self._chunks = []
+        data = text.encode("utf-8")
+        status = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        self._lib.espeak_Synchronize()
+        if status != 0 or not self._chunks:
+            raise RuntimeError(f"eSpeak NG failed for voice {voice!r} (status {status})")
+        return np.concatenate(self._chunks)
+
+
+@functools.cache
+def engine() -> Espeak:
+    """The process's eSpeak NG engine (initialised on first use)."""
+    return Espeak()
+
+
+def synthesise(text: str, voice: str, out: Path, speed: int, pitch: int) -> Path:
+    """One sentence as a WAV file (eSpeak NG's 22,050 Hz, 16-bit mono)."""
+    import soundfile as sf
+
+    speech = engine().speak(text, voice, speed, pitch)
+    if len(speech) < 1000:
+        raise RuntimeError(f"eSpeak NG wrote only {len(speech)} samples for voice {voice!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [binary or espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(out), text]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not out.is_file() or out.stat().st_size < 1000:
-        raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {result.stderr.strip() or 'no audio written'}")
+    sf.write(str(out), speech, engine().sample_rate, subtype="PCM_16")
     return out
 
 
@@ -96,7 +158,6 @@ def write_corpus(
     unknown = sorted(set(accents) - set(ACCENT_VOICES))
     if unknown:
         raise SystemExit(f"unknown synthetic accent(s) {unknown}; choose from {sorted(ACCENT_VOICES)}")
-    binary = espeak_binary()
     rng = np.random.default_rng(seed)
     root = Path(out)
     rows = []
@@ -109,7 +170,7 @@ def write_corpus(
             speed, pitch = int(rng.integers(140, 186)), int(rng.integers(30, 71))
             for n, index in enumerate(rng.permutation(len(SENTENCES))[:clips_per_speaker]):
                 file = root / "clips" / accent / speaker / f"{n + 1:02d}.wav"
-                synthesise(SENTENCES[index], voice, file, speed, pitch, binary)
+                synthesise(SENTENCES[index], voice, file, speed, pitch)
                 rows.append({"path": file.relative_to(root).as_posix(), "label": accent, "speaker": speaker,
                              "voice": f"{voice} -s {speed} -p {pitch}", "text": SENTENCES[index]})
     return rows

@@ -1,5 +1,5 @@
-"""Datasets: image folders and manifests (``tlkit.data.images``), audio (``tlkit.data.audio``),
-batching (``tlkit.data.batches``)."""
+"""Datasets: listing folders and manifests with their checks (``tlkit.data.listing``), images
+(``tlkit.data.images``), audio (``tlkit.data.audio``), batching (``tlkit.data.batches``)."""
 
 from tlkit.data.audio import (
     AudioSplits,
@@ -16,6 +16,7 @@ from tlkit.data.images import (
     Splits,
     check_images,
     class_weights,
+    decode_rgb,
     load_splits,
     make_batches,
     make_dataset,
@@ -23,16 +24,21 @@ from tlkit.data.images import (
     scan_folder,
     stratified_split,
 )
+from tlkit.data.listing import Listing, list_folder, list_manifest
 
 __all__ = [
     "AudioSplits",
     "Batches",
     "Example",
+    "Listing",
     "Splits",
     "check_audio",
     "check_images",
     "class_weights",
+    "decode_rgb",
     "fixed_crops",
+    "list_folder",
+    "list_manifest",
     "load_audio",
     "load_audio_splits",
     "load_splits",

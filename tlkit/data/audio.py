@@ -31,15 +31,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tlkit.data.images import (
-    Example,
-    Splits,
-    _require_two_classes,
-    encode_labels,
-    read_manifest,
-    scan_folder,
-    stratified_split,
-)
+from tlkit.data.images import Example, Splits, encode_labels, single_example_notes, stratified_split
+from tlkit.data.listing import Listing, keep_readable_classes, list_folder, list_manifest, require_two_classes
 from tlkit.errors import DataError
 
 log = logging.getLogger("tlkit.data")
@@ -73,18 +66,19 @@ class AudioSplits(Splits):
     sample_rate: int = 16000
     waveforms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    skipped_words = "unreadable, silent or too short"
+
     def seconds(self, examples: Sequence[Example]) -> float:
         """Total duration of ``examples`` in seconds."""
         return sum(len(self.waveforms[e.path]) for e in examples) / float(self.sample_rate)
 
-    def summary(self) -> str:
-        text = super().summary()
-        hours = self.seconds(self.train) / 3600.0
+    def _summary_parts(self) -> list[str]:
+        parts = super()._summary_parts()
+        parts.append(f"{self.seconds(self.train) / 60.0:.1f} min of training audio at {self.sample_rate} Hz")
         speakers = {e.group for e in self.train + self.val + self.test if e.group is not None}
-        extra = f"; {hours * 60:.1f} min of training audio at {self.sample_rate} Hz"
         if speakers:
-            extra += f"; {len(speakers)} speakers, none shared between splits"
-        return text.replace("unreadable file(s)", "unreadable, silent or too short file(s)") + extra
+            parts.append(f"{len(speakers)} speakers, none shared between splits")
+        return parts
 
 
 def is_audio_file(path: str | Path) -> bool:
@@ -190,12 +184,12 @@ def check_audio(
     return kept, waveforms, bad
 
 
-def _scan_speaker_folders(root: str | Path) -> list[Example]:
+def _scan_speaker_folders(root: str | Path) -> Listing:
     """``root/<class>/<speaker>/**/<file>``: the first sub-folder below a class is the speaker."""
     base = Path(root).expanduser()
-    examples = scan_folder(base, AUDIO_SUFFIXES)
+    listing = list_folder(base, AUDIO_SUFFIXES, "audio")
     grouped = []
-    for example in examples:
+    for example in listing.examples:
         relative = Path(example.path).relative_to(base)
         if len(relative.parts) < 3:
             raise DataError(
@@ -203,7 +197,7 @@ def _scan_speaker_folders(root: str | Path) -> list[Example]:
                 f"{base}/<class>/<speaker>/<file>"
             )
         grouped.append(Example(example.path, example.labels, relative.parts[1]))
-    return grouped
+    return Listing(grouped, listing.ignored, listing.notes)
 
 
 def load_audio_splits(
@@ -218,6 +212,7 @@ def load_audio_splits(
     max_seconds: float | None = None,
     silence_threshold: float = 1e-4,
     speaker_folders: bool = False,
+    drop_unreadable_classes: bool = False,
 ) -> AudioSplits:
     """Reads a class folder or a manifest, decodes and checks every file, and splits by class.
 
@@ -229,31 +224,36 @@ def load_audio_splits(
         min_seconds / max_seconds / silence_threshold: see :func:`check_audio`.
         speaker_folders: folders only: read ``path/<class>/<speaker>/<file>`` and keep
             each speaker in one split.
+        drop_unreadable_classes: a class whose every file is skipped is left out (named in
+            :attr:`AudioSplits.dropped_classes`) instead of being an error.
 
     Returns:
         :class:`AudioSplits` whose ``waveforms`` hold every kept clip. When speakers are
         given, no speaker appears in two splits.
 
     Raises:
-        DataError: bad paths, fewer than two classes, or no readable file.
+        DataError: bad paths or manifest rows (see :mod:`tlkit.data.listing`), fewer than two
+            classes, no usable file, or a class lost every file (without ``drop_unreadable_classes``).
     """
     if (path is None) == (manifest is None):
         raise DataError("give exactly one of a data folder (`data.path`) or a CSV manifest (`data.manifest`)")
     if sample_rate <= 0:
         raise DataError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
     if path is not None:
-        examples = _scan_speaker_folders(path) if speaker_folders else scan_folder(path, AUDIO_SUFFIXES)
+        listing = _scan_speaker_folders(path) if speaker_folders else list_folder(path, AUDIO_SUFFIXES, "audio")
     else:
-        examples = read_manifest(manifest)  # type: ignore[arg-type]
+        listing = list_manifest(manifest)  # type: ignore[arg-type]
     source = str(path or manifest)
     examples, waveforms, skipped = check_audio(
-        examples, sample_rate, min_seconds=min_seconds, max_seconds=max_seconds, silence_threshold=silence_threshold
+        listing.examples, sample_rate, min_seconds=min_seconds, max_seconds=max_seconds,
+        silence_threshold=silence_threshold,
     )
     if not examples:
         raise DataError(
             f"none of the audio files under {source} could be used ({len(skipped)} skipped; first: {skipped[:3]})"
         )
-    _require_two_classes(examples, source)
+    dropped = keep_readable_classes(listing.examples, examples, skipped, source, drop_unreadable_classes)
+    require_two_classes(examples, source)
     class_names = sorted({label for e in examples for label in e.labels})
     train, val, test = stratified_split(examples, val_fraction, test_fraction, seed)
     for name, split, fraction in (("validation", val, val_fraction), ("test", test, test_fraction)):
@@ -263,7 +263,9 @@ def load_audio_splits(
                 "the %s split has no example of %s (too few speakers or clips per class for whole-speaker splits)",
                 name, missing,
             )
-    return AudioSplits(class_names, train, val, test, skipped, sample_rate=sample_rate, waveforms=waveforms)
+    return AudioSplits(class_names, train, val, test, skipped, listing.ignored, dropped,
+                       [*listing.notes, *single_example_notes(examples)], sample_rate=sample_rate,
+                       waveforms=waveforms)
 
 
 def clip_samples(seconds: float, sample_rate: int) -> int:

@@ -1,125 +1,122 @@
 """Image datasets: class folders or CSV manifests -> checked examples -> stratified splits -> ``tf.data``.
 
-Every file is decoded once up front with the same decoder training uses
-(``tf.io.decode_image``), so corrupt or unreadable files are reported by path and
-skipped before training starts, never in the middle of an epoch.
+Every file is decoded once up front with the decoder training uses (:func:`decode_rgb`),
+so corrupt or unreadable files are reported by path and skipped before training starts,
+never in the middle of an epoch. Files that are not images (by suffix) are listed in
+:attr:`Splits.ignored`; a class whose every file is unreadable is an error unless
+``drop_unreadable_classes`` (then it is in :attr:`Splits.dropped_classes`). Listing and
+label checks live in :mod:`tlkit.data.listing`.
+
+WebP files are decoded with Pillow, inside the ``tf.data`` pipeline too: TensorFlow
+2.21's WebP decoder refuses RGBA files when asked for RGB and corrupts memory on
+animated ones.
 """
 
 from __future__ import annotations
 
-import csv
+import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from tlkit.data.batches import Batches
+from tlkit.data.listing import (
+    Example,
+    Listing,
+    keep_readable_classes,
+    list_folder,
+    list_manifest,
+    read_manifest,
+    require_two_classes,
+    single_example_classes,
+)
 from tlkit.errors import DataError
 
 log = logging.getLogger("tlkit.data")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled file. ``labels`` holds one class name, or several for multi-label data."""
-
-    path: str
-    labels: tuple[str, ...]
-    group: str | None = None  # e.g. a patient or speaker id; splits never separate a group
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Example",
+    "Splits",
+    "check_images",
+    "class_weights",
+    "decode_and_resize",
+    "decode_rgb",
+    "encode_labels",
+    "load_splits",
+    "make_batches",
+    "make_dataset",
+    "read_manifest",
+    "scan_folder",
+    "stratified_split",
+]
 
 
 @dataclass
 class Splits:
-    """Examples split three ways, plus what was skipped and why."""
+    """Examples split three ways, plus what was left out and why.
+
+    Attributes:
+        skipped: ``(path, reason)`` of listed files that failed the check (unreadable...).
+        ignored: ``(path, "ignored: <why>")`` of files found but never candidates (not an
+            image suffix, outside the class folders).
+        dropped_classes: classes left out because every file of theirs was skipped (only with
+            ``drop_unreadable_classes``; otherwise that is an error).
+        notes: warnings for the user (files outside the manifest's folder, repeated rows,
+            single-example classes), printed by :meth:`summary`.
+    """
 
     class_names: list[str]
     train: list[Example]
     val: list[Example]
     test: list[Example]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    dropped_classes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    skipped_words: ClassVar[str] = "unreadable"  # what a skipped file was, in :meth:`summary`
 
     def summary(self) -> str:
+        """One line of counts, then one ``note:`` line per note."""
+        return "; ".join(self._summary_parts()) + "".join(f"\nnote: {note}" for note in self.notes)
+
+    def _summary_parts(self) -> list[str]:
         counts = Counter(label for e in self.train for label in e.labels)
         per_class = ", ".join(f"{name}: {counts.get(name, 0)}" for name in self.class_names)
-        text = (
-            f"{len(self.class_names)} classes; train {len(self.train)}, val {len(self.val)}, test {len(self.test)} "
-            f"(train per class: {per_class})"
-        )
+        parts = [
+            f"{len(self.class_names)} classes",
+            f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)} (train per class: {per_class})",
+        ]
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} unreadable file(s)"
-        return text
+            parts.append(f"skipped {len(self.skipped)} {self.skipped_words} file(s)")
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} file(s) of other types or outside the class folders")
+        if self.dropped_classes:
+            parts.append(f"dropped class(es) {self.dropped_classes}: every file of theirs was skipped")
+        return parts
 
 
 def scan_folder(root: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Example]:
     """Examples from ``root/<class>/**/<file>``; the sub-folder name is the label.
 
+    Files with other suffixes are logged (counted) and left out; see
+    :func:`tlkit.data.listing.list_folder` for the list of them.
+
     Raises:
         DataError: ``root`` is missing, has no class folders, a class folder is empty,
             or there is only one class.
     """
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise DataError(f"data folder {str(base)!r} does not exist or is not a directory; check `data.path`")
-    classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"data folder {str(base)!r} has no class sub-folders; expected {base}/<class>/<image files>")
-    examples: list[Example] = []
-    for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        if not files:
-            raise DataError(
-                f"class folder {str(folder)!r} holds no files ending in {', '.join(suffixes)}; "
-                "add examples or remove the folder"
-            )
-        examples.extend(Example(str(p), (folder.name,)) for p in files)
-    _require_two_classes(examples, str(base))
-    return examples
-
-
-def read_manifest(path: str | Path, label_separator: str = "|") -> list[Example]:
-    """Examples from a CSV with a header holding ``path`` and ``label`` (optional ``group``/``speaker``).
-
-    Relative paths are resolved against the manifest's folder. A label holding
-    ``label_separator`` is a multi-label example (``"cat|dog"``).
-    """
-    manifest = Path(path).expanduser()
-    if not manifest.is_file():
-        raise DataError(f"manifest {str(manifest)!r} does not exist; check `data.manifest`")
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = set(reader.fieldnames or ())
-        if not {"path", "label"} <= fields:
-            raise DataError(
-                f"manifest {str(manifest)!r} needs a header with 'path' and 'label' columns, found {sorted(fields)}"
-            )
-        group_field = "group" if "group" in fields else "speaker" if "speaker" in fields else None
-        examples = []
-        for line, row in enumerate(reader, start=2):
-            file_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            if not file_path or not label:
-                raise DataError(f"manifest {str(manifest)!r} line {line}: empty path or label")
-            resolved = Path(file_path) if Path(file_path).is_absolute() else manifest.parent / file_path
-            labels = tuple(sorted({part.strip() for part in label.split(label_separator) if part.strip()}))
-            group = (row.get(group_field) or "").strip() or None if group_field else None
-            examples.append(Example(str(resolved), labels, group))
-    if not examples:
-        raise DataError(f"manifest {str(manifest)!r} lists no files")
-    _require_two_classes(examples, str(manifest))
-    return examples
-
-
-def _require_two_classes(examples: Sequence[Example], where: str) -> None:
-    classes = {label for e in examples for label in e.labels}
-    if len(classes) < 2:
-        raise DataError(
-            f"{where} has a single class {sorted(classes)}; a classifier needs at least two classes of examples"
-        )
+    return list_folder(root, suffixes, "image" if tuple(suffixes) == IMAGE_SUFFIXES else "data").examples
 
 
 def check_images(examples: Sequence[Example]) -> tuple[list[Example], list[tuple[str, str]]]:
@@ -143,13 +140,51 @@ def check_images(examples: Sequence[Example]) -> tuple[list[Example], list[tuple
 
 def _decode_problem(path: str) -> str | None:
     try:
-        data = tf.io.read_file(path)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.OpError) as exc:
+        image = decode_rgb(tf.io.read_file(path))
+    except tf.errors.OpError as exc:
         return exc.message.splitlines()[0] if getattr(exc, "message", "") else type(exc).__name__
     if image.shape[0] == 0 or image.shape[1] == 0:
         return "empty image"
     return None
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+    """Encoded image bytes (a scalar string tensor) -> ``(H, W, 3)`` uint8; works in graphs too.
+
+    JPEG, PNG, BMP and GIF (first frame) go through ``tf.io.decode_image``; WebP (recognised
+    by its ``RIFF....WEBP`` header) through Pillow, since TensorFlow's WebP decoder fails on
+    RGBA and corrupts memory on animations. Grayscale becomes RGB; alpha is dropped (both
+    decoders alike). Use it wherever tlkit reads an image file, so training, evaluation and
+    prediction see the same pixels.
+
+    Raises:
+        tf.errors.OpError: the bytes are not a decodable image.
+    """
+    head = tf.strings.join([tf.strings.substr(data, 0, 12), "\0" * 12])  # padded: short files are not WebP
+    is_webp = tf.logical_and(
+        tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")
+    )
+    image = tf.cond(
+        is_webp,
+        lambda: tf.numpy_function(_pillow_rgb, [data], tf.uint8, stateful=False),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _pillow_rgb(data: bytes | np.ndarray) -> np.ndarray:
+    """Encoded bytes (or the 0-d array ``tf.numpy_function`` passes in eager mode) -> (H, W, 3)
+    uint8 with Pillow (first frame of an animation)."""
+    raw = data.item() if isinstance(data, np.ndarray) else data
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.seek(0)
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for broken files
+        # An OpError, as TensorFlow's own decoders raise, in eager mode and in tf.data alike.
+        raise tf.errors.InvalidArgumentError(None, None, f"cannot decode WebP image ({type(exc).__name__})") from exc
+    return rgb.reshape(rgb.shape[0], rgb.shape[1], 3)
 
 
 def stratified_split(
@@ -206,20 +241,49 @@ def load_splits(
     test_fraction: float = 0.15,
     seed: int = 0,
     check: bool = True,
+    drop_unreadable_classes: bool = False,
 ) -> Splits:
-    """Reads a class folder or a manifest, checks every image and splits stratified by class."""
+    """Reads a class folder or a manifest, checks every image and splits stratified by class.
+
+    Args:
+        path / manifest: exactly one: ``path/<class>/**/<image>`` or a CSV (see
+            :func:`tlkit.data.listing.list_manifest` for its checks).
+        check: decode every file once and skip (and report) unreadable ones.
+        drop_unreadable_classes: a class whose every file is unreadable is left out and
+            named in :attr:`Splits.dropped_classes` instead of being an error.
+
+    Raises:
+        DataError: see :func:`tlkit.data.listing.list_folder` / ``list_manifest``; no file
+            decodes; a class lost every file (without ``drop_unreadable_classes``).
+    """
     if (path is None) == (manifest is None):
         raise DataError("give exactly one of a data folder (`data.path`) or a CSV manifest (`data.manifest`)")
-    examples = scan_folder(path) if path is not None else read_manifest(manifest)  # type: ignore[arg-type]
+    source = str(path or manifest)
+    listing: Listing = (
+        list_folder(path, IMAGE_SUFFIXES, "image") if path is not None else list_manifest(manifest)  # type: ignore[arg-type]
+    )
+    examples = listing.examples
     skipped: list[tuple[str, str]] = []
+    dropped: list[str] = []
     if check:
-        examples, skipped = check_images(examples)
+        examples, skipped = check_images(listing.examples)
         if not examples:
-            raise DataError(f"none of the image files under {path or manifest} could be decoded")
-        _require_two_classes(examples, str(path or manifest))
+            raise DataError(f"none of the image files under {source} could be decoded (first: {skipped[:3]})")
+        dropped = keep_readable_classes(listing.examples, examples, skipped, source, drop_unreadable_classes)
+        require_two_classes(examples, source)
     class_names = sorted({label for e in examples for label in e.labels})
     train, val, test = stratified_split(examples, val_fraction, test_fraction, seed)
-    return Splits(class_names, train, val, test, skipped)
+    return Splits(class_names, train, val, test, skipped, listing.ignored, dropped,
+                  [*listing.notes, *single_example_notes(examples)])
+
+
+def single_example_notes(examples: Sequence[Example]) -> list[str]:
+    """A note for :attr:`Splits.notes` naming the classes with one example (none: empty)."""
+    single = single_example_classes(examples)
+    if not single:
+        return []
+    return [f"class(es) {single} have a single example: it goes to the training split, so validation and "
+            "test never measure them; add examples"]
 
 
 def encode_labels(examples: Sequence[Example], class_names: Sequence[str]) -> np.ndarray:
@@ -239,8 +303,7 @@ def decode_and_resize(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor
     a served model that receives the full-size image sees the pixels training saw. To
     shrink very large images with antialiasing, do it before training *and* serving.
     """
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = decode_rgb(tf.io.read_file(path))
     return tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear", antialias=False)
 
 
