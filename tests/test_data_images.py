@@ -272,3 +272,17 @@ def test_paths_outside_the_manifest_folder_are_warned_about_once(
     assert len(warnings) == 1 and warnings[0].startswith("2 of 4 file(s)")
     assert "2 of 4 file(s) listed in manifest" in splits.summary()
     assert {Path(e.path).name for e in splits.train} == {"a.png", "b.png", "x.png", "y.png"}
+
+
+def test_batches_store_uint8_pixels_within_half_a_grey_level(tmp_path: Path) -> None:
+    """The cache and shuffle buffer hold uint8 (a quarter of float32's bytes); values are the
+    model-equivalent resize, rounded."""
+    from tlkit.data.images import decode_and_resize, load_splits, make_batches
+
+    root = write_image_folder(tmp_path / "images", n_per_class=3, size=45)
+    splits = load_splits(root, val_fraction=0.0, test_fraction=0.0)
+    batches = make_batches(splits.train, splits.class_names, (32, 32), 4)
+    images = np.concatenate([x.numpy() for x, _ in batches.in_order()])
+    assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+    exact = np.stack([decode_and_resize(e.path, (32, 32)).numpy() for e in splits.train])
+    assert np.abs(images.astype(np.float32) - exact).max() <= 0.5 + 1e-4

@@ -19,14 +19,14 @@ from tlkit.backbones.efficientnet_lite import (
     EFFICIENTNET_LITE0,
     PACKAGE_SPECS,
     block_configs,
-    decode_imagenet_predictions,
     efficientnet_lite,
     efficientnet_lite_classifier,
     keras_weights_from_state_dict,
 )
 from tlkit.backbones.package import package_backbone_available, package_source_path
 from tlkit.backbones.torch_legacy import load_legacy_state_dict
-from tlkit.errors import WeightsUnavailableError
+from tlkit.errors import ConfigError, DataError, WeightsUnavailableError
+from tlkit.imagenet import decode_imagenet, imagenet_classifier
 from tlkit.resources import imagenet_class_names
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -111,8 +111,8 @@ def test_imagenet_top5_on_real_photos(spec) -> None:  # noqa: ANN001
     size = spec.image_size[0]
     photos = (skimage.data.chelsea(), skimage.data.coffee())
     batch = np.concatenate([preprocess(photo, size, spec) for photo in photos])
-    logits = np.asarray(model(batch, training=False))
-    cat, coffee = decode_imagenet_predictions(logits, top=5)
+    probabilities = np.asarray(keras.ops.softmax(model(batch, training=False)))
+    cat, coffee = decode_imagenet(probabilities, top=5)
     assert CAT_CLASSES & {i for i, _, _ in cat}, cat
     assert COFFEE_CLASSES & {i for i, _, _ in coffee}, coffee
     assert cat[0][0] in CAT_CLASSES and coffee[0][0] == 967  # top-1 too (measured: Egyptian cat, espresso)
@@ -122,3 +122,61 @@ def test_classifier_layers_named_like_keras_applications() -> None:
     model = efficientnet_lite("lite0", include_top=True)
     assert model.layers[-1].name == "predictions" and model.output_shape == (None, 1000)
     assert isinstance(model.get_layer("block2b_drop"), keras.layers.Dropout)  # stochastic depth
+
+
+def test_decode_imagenet_names_the_top_classes() -> None:
+    scores = np.full((2, 1000), 1e-4, np.float32)
+    scores[0, 285], scores[0, 281], scores[1, 967] = 0.7, 0.2, 0.9
+    cat, coffee = decode_imagenet(scores, top=2)
+    assert cat == [(285, "Egyptian cat", pytest.approx(0.7)), (281, "tabby, tabby cat", pytest.approx(0.2))]
+    assert coffee[0][:2] == (967, "espresso") and len(coffee) == 2
+    assert decode_imagenet(scores[0], top=1) == [[(285, "Egyptian cat", pytest.approx(0.7))]]  # one image
+    with pytest.raises(DataError, match="1000"):
+        decode_imagenet(np.zeros((1, 10)))
+
+
+def test_imagenet_classifier_needs_a_shipped_head(tiny_backbone: object) -> None:
+    with pytest.raises(ConfigError, match="efficientnet_lite0"):
+        imagenet_classifier("tiny_test")
+
+
+#: photo -> (top-1 classes accepted, classes one of which must be in the top 5). Top-1 as measured
+#: for all three variants; the top-1 probabilities measured were at least 0.22 (Lite1's moped).
+MOPED, PALACE, ESPRESSO = 665, 698, 967
+ROCKET_CLASSES = {657, 744, 812}  # missile, projectile, space shuttle
+KNOWN_ANSWERS = {
+    "chelsea": (CAT_CLASSES, CAT_CLASSES),
+    "coffee": ({ESPRESSO}, COFFEE_CLASSES),
+    "motorcycle": ({MOPED}, {MOPED}),
+    "china": ({PALACE}, {PALACE}),
+    "rocket": (None, ROCKET_CLASSES),
+}
+
+
+def _photos() -> dict[str, np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    return {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee(),
+            "motorcycle": skimage.data.stereo_motorcycle()[0], "china": load_sample_image("china.jpg"),
+            "rocket": skimage.data.rocket()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", PACKAGE_SPECS, ids=lambda s: s.name)
+def test_imagenet_classifier_known_answers(spec) -> None:  # noqa: ANN001
+    """Raw photos of any size in, ImageNet probabilities out, through the public API (Lite0/1/2)."""
+    if not _available(spec):
+        pytest.skip(f"{spec.source_options.pip_package} is not installed")
+    model = imagenet_classifier(spec.name)
+    assert [la.name for la in model.layers][:3] == ["image", "resize", "preprocess"]
+    assert model.get_layer("resize").height == spec.image_size[0]  # 224 / 240 / 260, the TF reference's
+    for name, photo in _photos().items():
+        probabilities = model.predict(photo[None].astype(np.float32), verbose=0)
+        assert probabilities.shape == (1, 1000)
+        np.testing.assert_allclose(probabilities.sum(), 1.0, rtol=1e-5)
+        top5 = decode_imagenet(probabilities, top=5)[0]
+        first, anywhere = KNOWN_ANSWERS[name]
+        assert anywhere & {i for i, _, _ in top5}, (name, top5)
+        if first is not None:
+            assert top5[0][0] in first and top5[0][2] >= 0.15, (name, top5)

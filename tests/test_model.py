@@ -102,3 +102,33 @@ def test_waveform_standardization_frontend() -> None:
     y = np.asarray(frontend(x))
     np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-4)
     np.testing.assert_allclose(y.std(axis=1), 1, atol=1e-3)
+
+
+def test_backbone_batchnorm_is_frozen_by_construction(tiny_backbone: object, tmp_path: Path) -> None:
+    """bn_inference (default): FrozenBatchNormalization layers, same outputs as plain ones, kept on reload."""
+    from tlkit.layers import FrozenBatchNormalization
+
+    frozen = build_classifier("tiny_test", 3, augmentation=None, head=HeadConfig(dropout=0.0))
+    plain = build_classifier("tiny_test", 3, augmentation=None, head=HeadConfig(dropout=0.0, bn_inference=False))
+    bn = [la for la in frozen.get_layer("backbone").layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert [la.name for la in bn] == ["stem_bn", "block1_bn", "block2_bn"]
+    assert all(isinstance(la, FrozenBatchNormalization) for la in bn)
+    assert not any(isinstance(la, FrozenBatchNormalization) for la in plain.get_layer("backbone").layers)
+    rng = np.random.default_rng(5)
+    for variable in plain.weights:  # trained-looking statistics, so inference mode matters
+        value = rng.uniform(0.5, 2.0, variable.shape) if "variance" in variable.path else rng.normal(0, 0.3, variable.shape)
+        variable.assign(value.astype("float32"))
+    frozen.set_weights(plain.get_weights())
+    x = np.random.default_rng(6).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(frozen.predict(x, verbose=0), plain.predict(x, verbose=0))  # parity
+    # In training mode, even thawed, the statistics neither change nor are used from the batch.
+    frozen.get_layer("backbone").trainable = True
+    before = [np.array(la.moving_variance.numpy(), copy=True) for la in bn]
+    np.testing.assert_allclose(frozen(x, training=True), frozen(x, training=False), rtol=1e-6, atol=1e-7)
+    assert all(np.array_equal(b, la.moving_variance.numpy()) for b, la in zip(before, bn))
+    assert not np.allclose(plain(x, training=True), plain(x, training=False), atol=1e-4)  # plain BN would differ
+    path = tmp_path / "frozen.keras"
+    frozen.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(reloaded.get_layer("backbone").get_layer("stem_bn"), FrozenBatchNormalization)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), frozen.predict(x, verbose=0))

@@ -13,6 +13,8 @@ PUBLIC = {
     "prefetch", "register", "split_head", "train",
     # The run directory and its input contract (tlkit.rundir), public since the architecture step.
     "RunDir", "InputContract",
+    # Pretrained ImageNet classifiers with preprocessing inside (tlkit.imagenet), issue 15.
+    "imagenet_classifier", "decode_imagenet",
 }
 
 

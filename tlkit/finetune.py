@@ -21,7 +21,9 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
+from tlkit.adaptation.training import Adapter, StagePlan
 from tlkit.checkpointing import StageCheckpoint, restore_backup
+from tlkit.config import AdaptationConfig
 from tlkit.data.batches import Batches
 from tlkit.errors import ConfigError
 from tlkit.feature_cache import FeatureCache, cache_blocker
@@ -46,6 +48,7 @@ class FineTuneResult:
     seconds: float = 0.0
     feature_seconds: float = 0.0  # time spent computing cached features (0 when not used)
     head_fits: dict[str, HeadFit] = field(default_factory=dict)  # stages whose head was solved
+    adaptation: dict[str, Any] = field(default_factory=dict)  # what the adaptation did (empty: none)
 
     def metric(self, name: str) -> list[float]:
         """The values of one metric across all epochs of all stages."""
@@ -164,6 +167,8 @@ def fine_tune(
     feature_passes: int = 1,
     backup_seconds: float | None = None,
     verbose: int | str = "auto",
+    adaptation: AdaptationConfig | None = None,
+    target: Any = None,
 ) -> FineTuneResult:
     """Runs ``schedule`` on a tlkit classifier with ``model.fit``.
 
@@ -199,6 +204,11 @@ def fine_tune(
             default is 30 s or 20 times a backup's write time, whichever is longer (backups then
             cost under 5% of training time). A finished stage writes its final weights; without
             ``run_dir`` nothing is written (see :mod:`tlkit.checkpointing`).
+        adaptation / target: adapt to an unlabelled target domain (``dann``, ``coral``,
+            ``reweight``, ``adabn``); ``target`` holds its raw inputs as tlkit Batches or a
+            batched ``tf.data.Dataset`` (labels ignored). ``dann`` and ``coral`` train a
+            training model sharing the classifier's layers in the stages that thaw backbone
+            groups; the classifier never holds the domain head (see :mod:`tlkit.adaptation.training`).
 
     Returns:
         A :class:`FineTuneResult` with one merged history across stages.
@@ -220,6 +230,10 @@ def fine_tune(
     steps = _steps_per_epoch(train)
     epochs_done = 0
     cache: FeatureCache | None = None
+    adapter = Adapter.create(adaptation, target, model, schedule, strategy, seed=_seed(train),
+                             say=lambda message: _print(verbose, message))
+    if adapter is not None:
+        adapter.prepare(train)
 
     def metric_list() -> list[Any]:
         return list(metrics) if metrics is not None else classification_metrics(head, num_classes, sparse=sparse)
@@ -250,7 +264,8 @@ def fine_tune(
         if solve:
             assert cache is not None
             records = [r for r in records if r["stage"] != stage.name]
-            fit, logs = solve_head(cache, head, loss=loss, metrics=metric_list(), class_weight=class_weight)
+            fit, logs = solve_head(cache, head, loss=loss, metrics=metric_list(), class_weight=class_weight,
+                                   sample_weight=adapter.solve_weights(cache) if adapter else None)
             _print(verbose, f"stage {stage.name!r}: head solved to convergence on cached features ({fit.describe()})")
             record = {"stage": stage.name, "stage_epoch": 1, "epoch": epochs_done + 1, **logs,
                       "solver": fit.solver, "time": time.time()}
@@ -258,9 +273,11 @@ def fine_tune(
             records.append(record)
             result.head_fits[stage.name] = fit
         else:
+            plan = adapter.plan(stage, thawed, cache if use_cache else None, train, validation, steps,
+                                class_weight) if adapter else None
             _run_stage(stage, model, cache if use_cache else None, train, validation, thawed, records, epochs_done,
                        stage_dir, run, strategy, loss, metric_list(), class_weight, callbacks,
-                       jit_compile, steps, backup_seconds, verbose, len(groups))
+                       jit_compile, steps, backup_seconds, verbose, len(groups), plan)
         epochs_done += len([r for r in records if r["stage"] == stage.name])
         if stage_dir is not None:
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +287,9 @@ def fine_tune(
         if run is not None:
             run.rewrite_live_history(records)
             run.write_history(records)
+    if adapter is not None:
+        adapter.finish()
+        result.adaptation = adapter.summary
     _leave_plain_optimizer(model, strategy, schedule, loss, metric_list())
     result.history = list(records)
     result.seconds = time.monotonic() - start
@@ -299,13 +319,17 @@ def _run_stage(
     records: list[dict[str, Any]], epochs_done: int, stage_dir: Path | None, run: RunDir | None,
     strategy: tf.distribute.Strategy, loss: Any, metrics: list[Any],
     class_weight: dict[int, float] | None, callbacks: Sequence[keras.callbacks.Callback], jit_compile: bool | str,
-    steps: int, backup_seconds: float | None, verbose: int | str, group_count: int,
+    steps: int, backup_seconds: float | None, verbose: int | str, group_count: int, plan: StagePlan | None = None,
 ) -> None:
-    """Trains one stage epoch by epoch with ``fit``, resuming from its backup."""
+    """Trains one stage epoch by epoch with ``fit``, resuming from its backup (``plan``: the
+    adaptation's training model and data, see :meth:`tlkit.adaptation.training.Adapter.plan`)."""
     fit_model = cache.head if cache else model
     fit_train = cache.train if cache else train
     fit_val = cache.validation if cache else validation
     prefix = "head_" if cache else ""
+    if plan is not None:
+        fit_model, fit_train, fit_val, prefix = plan.model, plan.train, plan.validation, plan.prefix
+        class_weight = plan.class_weight
     with strategy.scope():
         fit_model.compile(optimizer=_stage_optimizer(stage, steps, model, thawed), loss=loss, metrics=metrics,
                           jit_compile=jit_compile)
@@ -317,20 +341,23 @@ def _run_stage(
         verbose,
         f"stage {stage.name!r}: {stage.epochs} epochs, "
         f"{'head only' if not thawed else f'{len(thawed)} of {group_count} backbone groups thawed'}"
-        f"{' (on cached features)' if cache else ''}, lr {stage.learning_rate:g}"
+        f"{' (on cached features)' if cache else ''}{' (adapted)' if plan else ''}, lr {stage.learning_rate:g}"
         f"{f'; resuming after epoch {initial}' if initial else ''}",
     )
+    keep_last = plan is not None and plan.keep_last
     if initial >= stage.epochs:
         checkpoint = StageCheckpoint(stage_dir, "val_loss" if fit_val is not None else "loss", stage.epochs,
                                      prefix=prefix, resumed=resumed)
         checkpoint.set_model(fit_model)
-        checkpoint.restore_best()
+        if not keep_last:
+            checkpoint.restore_best()
         return
     monitor = "val_loss" if fit_val is not None else "loss"
     checkpoint = StageCheckpoint(stage_dir, monitor, stage.epochs, prefix=prefix, budget_seconds=backup_seconds,
                                  resumed=resumed)
     # The history line is written before the backup, so a resumed run never misses an epoch.
-    stage_callbacks: list[Any] = [_HistoryRecorder(stage, run, records, epochs_done), checkpoint]
+    stage_callbacks: list[Any] = [*(plan.callbacks if plan else []), _HistoryRecorder(stage, run, records, epochs_done),
+                                  checkpoint]
     if run is not None:
         stage_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run.logs(stage.name))))
     if stage.early_stopping_patience is not None:
@@ -343,7 +370,7 @@ def _run_stage(
         shuffle=False,  # tf.data input: shuffling belongs to the pipeline
     )
     fit_model._initial_epoch = None
-    if fit_val is not None:
+    if fit_val is not None and not keep_last:
         checkpoint.restore_best()  # the stage's best epoch
 
 
@@ -361,6 +388,11 @@ def _leave_plain_optimizer(
     with strategy.scope():
         model.compile(optimizer=keras.optimizers.Adam(schedule.stages[-1].learning_rate), loss=loss, metrics=metrics)
         model.optimizer.build(model.trainable_variables)
+
+
+def _seed(data: Any) -> int:
+    """The shuffle seed of tlkit Batches (0 otherwise): seeds the adaptation's own fits."""
+    return int(data.seed) if isinstance(data, Batches) else 0
 
 
 def _batched(data: Any) -> Any:

@@ -67,8 +67,12 @@ def solve_head(
     metrics: list[Any],
     class_weight: dict[int, float] | None = None,
     seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[HeadFit, dict[str, float]]:
     """Fits ``cache.head`` to convergence on the cached features (see the module docstring).
+
+    ``sample_weight``: one weight per cached training row (e.g. importance weights from
+    :mod:`tlkit.adaptation.reweight`), multiplied with ``class_weight``.
 
     Returns:
         ``(HeadFit, logs)``: ``logs`` holds the Keras metrics of the solved head on the cached
@@ -78,9 +82,9 @@ def solve_head(
     started = time.monotonic()
     cache.head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=metrics)
     if head.hidden_units:
-        fit = _fit_hidden(cache)
+        fit = _fit_hidden(cache, sample_weight)
     else:
-        fit = _fit_linear(cache, head.multi_label, class_weight, seed)
+        fit = _fit_linear(cache, head.multi_label, class_weight, seed, sample_weight)
     fit.seconds = time.monotonic() - started
     logs = {k: float(v) for k, v in cache.head.evaluate(cache.train.in_order(), verbose=0, return_dict=True).items()}
     if cache.validation is not None:
@@ -89,16 +93,18 @@ def solve_head(
     return fit, logs
 
 
-def _fit_linear(cache: FeatureCache, multi_label: bool, class_weight: dict[int, float] | None, seed: int) -> HeadFit:
+def _fit_linear(cache: FeatureCache, multi_label: bool, class_weight: dict[int, float] | None, seed: int,
+                sample_weight: np.ndarray | None = None) -> HeadFit:
     mean, std = _moments(cache.train_x)
     z = (np.asarray(cache.train_x, np.float64) - mean) / std
-    targets = np.asarray(cache.train_y)
+    num_classes = int(cache.head.output.shape[-1])
+    targets = _one_hot(cache.train_y, num_classes)
     zv = (np.asarray(cache.val_x, np.float64) - mean) / std if cache.val_x is not None and len(cache.val_x) else None
-    val_targets = np.asarray(cache.val_y) if zv is not None else None
+    val_targets = _one_hot(cache.val_y, num_classes) if zv is not None else None
     if multi_label:
-        weights, bias, chosen, scores = _multi_label(z, targets, zv, val_targets, seed)
+        weights, bias, chosen, scores = _multi_label(z, targets, zv, val_targets, seed, sample_weight)
     else:
-        weights, bias, chosen, scores = _single_label(z, targets, zv, val_targets, class_weight, seed)
+        weights, bias, chosen, scores = _single_label(z, targets, zv, val_targets, class_weight, seed, sample_weight)
     logits = cache.head.get_layer("logits")
     kernel = (weights / std[None, :]).T
     offset = bias - weights @ (mean / std)
@@ -108,11 +114,13 @@ def _fit_linear(cache: FeatureCache, multi_label: bool, class_weight: dict[int, 
 
 def _single_label(
     z: np.ndarray, targets: np.ndarray, zv: np.ndarray | None, val_targets: np.ndarray | None,
-    class_weight: dict[int, float] | None, seed: int,
+    class_weight: dict[int, float] | None, seed: int, row_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
     num_classes = targets.shape[1]
     y = targets.argmax(axis=1)
     sample_weight = np.array([class_weight.get(int(c), 1.0) for c in y]) if class_weight else None
+    if row_weight is not None:
+        sample_weight = np.asarray(row_weight, np.float64) * (sample_weight if sample_weight is not None else 1.0)
     yv = val_targets.argmax(axis=1) if val_targets is not None else None
     grid = C_GRID if yv is not None else _cv_grid(y)
     best: tuple[tuple[float, float], float, np.ndarray, np.ndarray] | None = None
@@ -134,6 +142,7 @@ def _single_label(
 
 def _multi_label(
     z: np.ndarray, targets: np.ndarray, zv: np.ndarray | None, val_targets: np.ndarray | None, seed: int,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
     num_classes = targets.shape[1]
     grid = C_GRID if zv is not None else (1.0,)
@@ -148,7 +157,7 @@ def _multi_label(
                 rate = np.clip(column.mean(), 1e-4, 1 - 1e-4)
                 bias[k] = np.log(rate / (1 - rate))
                 continue
-            model = _logistic(c, seed).fit(z, column.astype(int))
+            model = _logistic(c, seed).fit(z, column.astype(int), sample_weight=sample_weight)
             weights[k], bias[k] = model.coef_[0], model.intercept_[0]
         score = 0.0
         if zv is not None and val_targets is not None:
@@ -160,16 +169,17 @@ def _multi_label(
     return best[2], best[3], best[1], scores
 
 
-def _fit_hidden(cache: FeatureCache) -> HeadFit:
+def _fit_hidden(cache: FeatureCache, sample_weight: np.ndarray | None = None) -> HeadFit:
     """Adam on standardised cached features to early stopping; the standardisation is then folded
     into the first hidden Dense layer, so the head takes raw features as before."""
     mean, std = _moments(cache.train_x)
 
-    def standardised(batches: Batches, x: np.ndarray, y: np.ndarray) -> Batches:
+    def standardised(batches: Batches, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Batches:
         z = ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
-        return batches.with_examples(tf.data.Dataset.from_tensor_slices((z, np.asarray(y))))
+        rows = (z, np.asarray(y)) if w is None else (z, np.asarray(y), np.asarray(w, np.float32))
+        return batches.with_examples(tf.data.Dataset.from_tensor_slices(rows))
 
-    train = standardised(cache.train, cache.train_x, cache.train_y)
+    train = standardised(cache.train, cache.train_x, cache.train_y, sample_weight)
     val = standardised(cache.validation, cache.val_x, cache.val_y) if cache.validation is not None else None
     monitor = "val_loss" if val is not None else "loss"
     stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=HIDDEN_PATIENCE, restore_best_weights=True)
@@ -187,6 +197,14 @@ def _fit_hidden(cache: FeatureCache) -> HeadFit:
 #: is folded into the layer (a weak effective L2 penalty): predictions then swing on new data, and
 #: the layer's range defeats int8 quantisation (measured: max |w| 139 against a mean of 0.24).
 STD_FLOOR = 0.1
+
+
+def _one_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C) target rows as given, or (N,) / (N, 1) class indices as one-hot (N, C) rows."""
+    values = np.asarray(targets)
+    if values.ndim == 2 and values.shape[1] == num_classes:
+        return values
+    return np.eye(num_classes, dtype=np.float32)[values.reshape(-1).astype(np.int64)]
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

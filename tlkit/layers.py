@@ -1,7 +1,9 @@
 """Small Keras layers tlkit puts inside models so exported models need no side code.
 
 All are registered as serializable under the ``tlkit`` package, so ``.keras`` files that
-contain them load with ``safe_mode=True`` once ``tlkit`` is imported.
+contain them load with ``safe_mode=True`` once ``tlkit`` is imported. For a file that loads
+with plain Keras (no ``import tlkit``), :func:`tlkit.portable.portable_model` replaces each
+of them by built-in Keras layers.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ from typing import Any
 
 import keras
 from keras import ops
+from keras.src.models.functional import Functional  # the class of every functional keras.Model
 
 from tlkit.backbones.spec import ImagePreprocessing
+
+#: The Keras model classes whose layer graph ``keras.models.clone_model`` can rebuild (a
+#: subclassed model's graph is not known to Keras).
+CLONABLE_MODELS = (keras.Sequential, Functional)
 
 
 @keras.saving.register_keras_serializable(package="tlkit")
@@ -113,3 +120,67 @@ class StochasticDepth(keras.layers.Dropout):
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         return super().call(inputs, training=bool(training) and self.trainable)
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class FrozenBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that always normalises with its moving statistics (inference mode).
+
+    Plain Keras BatchNormalization uses batch statistics, and updates its moving mean and
+    variance, whenever it is called with ``training=True`` while trainable. In Keras 3 the
+    outer model's ``training=True`` (what ``fit`` passes) reaches every layer of a nested
+    backbone, so a user who thaws a backbone by hand (``backbone.trainable = True``, the
+    step of Keras's transfer-learning guide) would retrain every BatchNorm layer on small
+    batches of a small dataset. This layer never does: its moving statistics never change,
+    and in training it computes exactly what it computes at inference.
+
+    Its ``gamma`` and ``beta`` follow ``trainable`` like any weight: a hand-thawed backbone
+    trains them (as in Keras's guide, where BatchNorm runs in inference mode but its scale
+    and offset still learn); :func:`tlkit.fine_tune` freezes them too
+    (``HeadConfig.bn_inference``). Weights and config are those of BatchNormalization, so
+    :func:`tlkit.portable.portable_model` turns it back into one with identical outputs.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        return super().call(inputs, training=False, mask=mask)
+
+
+def _is_plain_batchnorm(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization) and not isinstance(layer, FrozenBatchNormalization)
+
+
+def _has_plain_batchnorm(layer: keras.layers.Layer) -> bool:
+    if _is_plain_batchnorm(layer):
+        return True
+    return any(_has_plain_batchnorm(child) for child in getattr(layer, "layers", ()) if child is not layer)
+
+
+def with_frozen_batchnorm(model: keras.layers.Layer) -> keras.layers.Layer:
+    """``model`` with every BatchNormalization layer replaced by :class:`FrozenBatchNormalization`.
+
+    Input: a backbone (a functional or ``Sequential`` model, nested models included).
+    Output: a model with the same graph, layer names, weights and inference outputs
+    (bit-identical: the same BatchNorm arithmetic runs), whose BatchNorm layers stay in
+    inference mode whatever ``trainable`` and ``training`` say. The other layers are the
+    original layer objects (shared, not copied). A model without BatchNorm, a subclassed
+    model (Keras cannot rebuild its graph) and a non-model layer (a SavedModel) are
+    returned unchanged.
+    """
+    if not isinstance(model, CLONABLE_MODELS) or not _has_plain_batchnorm(model):
+        return model
+    swapped: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
+
+    def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if _is_plain_batchnorm(layer):
+            frozen = FrozenBatchNormalization.from_config(layer.get_config())
+            swapped.append((layer, frozen))
+            return frozen
+        if isinstance(layer, CLONABLE_MODELS) and _has_plain_batchnorm(layer):
+            return with_frozen_batchnorm(layer)
+        return layer
+
+    clone = keras.models.clone_model(model, clone_function=swap)
+    for original, frozen in swapped:
+        frozen.set_weights(original.get_weights())
+    clone.trainable = model.trainable
+    return clone

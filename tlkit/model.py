@@ -21,8 +21,8 @@ from tlkit.backbones.groups import LayerGroups, resolve_groups
 from tlkit.backbones.loading import load_backbone
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
-from tlkit.errors import ConfigError
-from tlkit.layers import ImageNormalization, TrainingOnly, WaveformStandardization
+from tlkit.errors import ConfigError, DataError
+from tlkit.layers import ImageNormalization, TrainingOnly, WaveformStandardization, with_frozen_batchnorm
 
 FEATURES_LAYER = "pool"
 HEAD_LAYER_PREFIXES = ("dropout", "hidden_", "logits", "probabilities")
@@ -40,9 +40,14 @@ class HeadConfig:
         pooling: how spatial or sequence features are reduced: ``"avg"``, ``"max"`` or
             ``"attention"`` (a learned softmax weighting over time steps or positions,
             :class:`AttentionPooling`, whose weights are never frozen by a stage).
-        bn_inference: keep every BatchNorm layer of the backbone frozen and in inference
-            mode, in thawed groups too, as Keras's transfer-learning guide advises for
-            small datasets. ``False`` lets BatchNorm layers of thawed groups train.
+        bn_inference: keep every BatchNorm layer of the backbone in inference mode, as
+            Keras's transfer-learning guide advises for small datasets. By construction:
+            :func:`build_classifier` builds the backbone with
+            :class:`~tlkit.layers.FrozenBatchNormalization` layers, whose moving statistics
+            never change, also after a hand-made ``backbone.trainable = True`` (their
+            gamma/beta then train, as in the guide; :func:`tlkit.fine_tune` keeps those
+            frozen as well). ``False`` keeps plain BatchNorm layers, which train (batch
+            statistics, moving averages updated) in thawed groups.
     """
 
     hidden_units: tuple[int, ...] = ()
@@ -154,7 +159,9 @@ def build_classifier(
         H, W (float32; uint8 values cast), or waveforms (B, samples) float32 in -1..1 at
         the backbone's sample rate. It outputs (B, num_classes) float32 probabilities.
         The backbone spec and its resolved layer groups are attached as ``model.tlkit_spec``
-        and ``model.tlkit_groups`` (Python attributes, not saved with the model).
+        and ``model.tlkit_groups`` (Python attributes, not saved with the model). With
+        ``head.bn_inference`` (the default) the backbone's BatchNorm layers are
+        :class:`~tlkit.layers.FrozenBatchNormalization` (same weights, same outputs).
     """
     head = head or HeadConfig()
     if num_classes < (1 if head.multi_label else 2):
@@ -167,6 +174,8 @@ def build_classifier(
     else:
         spec, base = load_backbone(spec, weights)
         inputs, x = _audio_input(spec)
+    if head.bn_inference:
+        base = with_frozen_batchnorm(base)
     if augmentation is not None:
         augment = augmentation.build_layer(spec, seed)
         if augment is not None:
@@ -262,18 +271,70 @@ def _pool(spec: BackboneSpec, x: Any, pooling: str) -> Any:
     return layer(name=FEATURES_LAYER)(x)
 
 
-def classification_loss(head: HeadConfig) -> keras.losses.Loss:
-    """The loss matching the head: categorical or binary cross-entropy on probabilities."""
+def integer_labels(data: Any) -> bool:
+    """Whether a dataset's targets are class indices rather than one-hot rows.
+
+    Args:
+        data: a batched ``tf.data.Dataset`` of ``(inputs, targets)``, or
+            :class:`~tlkit.data.batches.Batches` (unbatched examples); anything else
+            counts as one-hot.
+
+    Returns:
+        ``True`` for (B,) targets, or (B, 1) integer targets (what
+        ``keras.utils.image_dataset_from_directory`` yields by default); ``False`` for
+        (B, C) one-hot or multi-hot rows.
+    """
+    examples = getattr(data, "examples", None)
+    batched = examples is None
+    spec = getattr(examples if examples is not None else data, "element_spec", None)
+    if not isinstance(spec, tuple) or len(spec) < 2 or not hasattr(spec[1], "shape"):
+        return False
+    target = spec[1]
+    rank = target.shape.rank
+    if rank is None:
+        return False
+    rank -= 1 if batched else 0  # the rank of one example's target
+    return rank == 0 or (rank == 1 and target.shape[-1] == 1 and target.dtype.is_integer)
+
+
+def classification_loss(head: HeadConfig, *, sparse: bool = False) -> keras.losses.Loss:
+    """The loss matching the head: categorical or binary cross-entropy on probabilities.
+
+    ``sparse``: the targets are class indices (see :func:`integer_labels`), single-label
+    heads only; the loss is then ``SparseCategoricalCrossentropy``.
+
+    Raises:
+        DataError: ``sparse`` with a multi-label head (its targets are multi-hot rows).
+    """
     if head.multi_label:
+        if sparse:
+            raise DataError(
+                "a multi-label head needs multi-hot targets of shape (B, num_classes); the data has one "
+                "class index per example: build the head with multi_label=False, or give multi-hot targets"
+            )
         return keras.losses.BinaryCrossentropy(label_smoothing=head.label_smoothing)
+    if sparse:
+        if head.label_smoothing:
+            raise DataError(
+                f"label_smoothing={head.label_smoothing} needs one-hot targets (Keras's sparse cross-entropy "
+                "has no smoothing); one-hot encode the labels (keras.utils.to_categorical, or "
+                "label_mode='categorical' in keras.utils.image_dataset_from_directory) or set label_smoothing=0"
+            )
+        return keras.losses.SparseCategoricalCrossentropy()
     return keras.losses.CategoricalCrossentropy(label_smoothing=head.label_smoothing)
 
 
-def classification_metrics(head: HeadConfig, num_classes: int) -> list[Any]:
-    """Accuracy (and top-3 accuracy when there are more than 3 classes)."""
+def classification_metrics(head: HeadConfig, num_classes: int, *, sparse: bool = False) -> list[Any]:
+    """Accuracy (and top-3 accuracy when there are more than 3 classes), named ``accuracy`` and
+    ``top3_accuracy``; their sparse versions when the targets are class indices (``sparse``)."""
     if head.multi_label:
         return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
-    metrics: list[Any] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if sparse:
+        metrics: list[Any] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        if num_classes > 3:
+            metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy"))
+        return metrics
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 3:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy"))
     return metrics

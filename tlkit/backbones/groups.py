@@ -78,7 +78,10 @@ class LayerGroups:
         Frozen BatchNorm layers run in inference mode (Keras 3 does so for
         ``trainable=False``), so their moving statistics do not move. (Calling the
         backbone with ``training=False`` inside a functional model is not enough in
-        Keras 3: the outer model's ``training`` value overrides it.)
+        Keras 3: the outer model's ``training`` value overrides it.) The BatchNorm layers of
+        a classifier built with ``HeadConfig.bn_inference`` are
+        :class:`~tlkit.layers.FrozenBatchNormalization`, in inference mode whatever their
+        ``trainable``; ``freeze_batchnorm`` then also keeps their gamma and beta fixed.
         """
         count = len(self.members) if top == "all" else int(top)
         if count < 0 or count > len(self.members):

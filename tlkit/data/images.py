@@ -307,6 +307,11 @@ def decode_and_resize(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor
     return tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear", antialias=False)
 
 
+def to_uint8(pixels: tf.Tensor) -> tf.Tensor:
+    """Float pixels 0..255 -> uint8, rounded to the nearest grey level."""
+    return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+
+
 def make_batches(
     examples: Sequence[Example],
     class_names: Sequence[str],
@@ -317,11 +322,16 @@ def make_batches(
     seed: int = 0,
     cache: bool | str = True,
 ) -> Batches:
-    """Examples as :class:`~tlkit.data.batches.Batches` of ``(pixels (H, W, 3) float32 0..255, targets (C,))``.
+    """Examples as :class:`~tlkit.data.batches.Batches` of ``(pixels (H, W, 3) uint8, targets (C,))``.
 
     Files are decoded in parallel and resized once; the decoded images are cached
     (in memory, or in a file when ``cache`` is a path) so later epochs skip decoding.
     Training sets are reshuffled with ``seed`` every epoch (deterministic order).
+
+    Pixels are stored as uint8 (the resized values rounded, at most half a grey level from
+    :func:`decode_and_resize`): the cache and the shuffle buffer hold a quarter of the bytes of
+    float32 (150 KB instead of 602 KB per image at 224 px). The model casts them to float32 at
+    its input, as it does for the raw uint8 images it serves.
     """
     if not examples:
         raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
@@ -329,7 +339,7 @@ def make_batches(
     targets = tf.constant(encode_labels(examples, class_names))
     ds = tf.data.Dataset.from_tensor_slices((paths, targets))
     ds = ds.map(
-        lambda p, t: (decode_and_resize(p, image_size), t),
+        lambda p, t: (to_uint8(decode_and_resize(p, image_size)), t),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -348,7 +358,7 @@ def make_dataset(
     seed: int = 0,
     cache: bool | str = True,
 ) -> tf.data.Dataset:
-    """A batched ``tf.data.Dataset`` of ``(pixels float32 (B, H, W, 3) 0..255, targets (B, C))``.
+    """A batched ``tf.data.Dataset`` of ``(pixels uint8 (B, H, W, 3), targets (B, C))``.
 
     See :func:`make_batches`; this is ``make_batches(...).batched()``.
     """
