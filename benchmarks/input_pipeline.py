@@ -55,6 +55,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="500 images, 2 repetitions")
     p.add_argument("--json", help="also write the raw figures to this file")
+    p.add_argument("--memory", action="store_true",
+                   help="only measure peak RSS of the cached, shuffled pipeline: 2,000 images at 224 px, "
+                        "float32 storage (tlkit 0.1) against uint8 (now), each in a fresh process")
+    p.add_argument("--memory-variant", choices=("float32", "uint8"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.per_class, args.reps = 50, 2
@@ -103,10 +107,59 @@ def data_only(batches: Any) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
+def memory_variant(variant: str, folder: str) -> None:
+    """One epoch through the cached, shuffled pipeline (2,000 images at 224 px), then peak RSS."""
+    import resource
+
+    import tensorflow as tf
+
+    from tlkit.data.batches import Batches
+    from tlkit.data.images import decode_and_resize, make_batches
+
+    from tlkit.data.images import load_splits
+
+    listed = load_splits(folder, val_fraction=0.0, test_fraction=0.0)
+    examples, class_names = (listed.train * 2)[:2000], listed.class_names  # 1,797 real scans, the first 203 listed twice
+    size = (224, 224)
+    batches = make_batches(examples, class_names, size, 32, training=True, seed=0)
+    if variant == "float32":  # tlkit 0.1: the resized float32 pixels cached and shuffled
+        paths = tf.constant([e.path for e in examples])
+        targets = next(iter(batches.examples.batch(len(examples))))[1]
+        ds = tf.data.Dataset.from_tensor_slices((paths, targets)).map(
+            lambda p, t: (decode_and_resize(p, size), t), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        batches = Batches(ds.cache(), len(examples), 32, shuffle=True, seed=0)
+    for _ in batches.batched():
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(f"MEMORY {variant} {peak:.0f}")
+
+
+def measure_memory() -> int:
+    import subprocess
+
+    work = _common.scratch("memory")
+    folder = _common.digits_folder(work.name, None, size=160)  # written once, outside the measured processes
+    peaks = {}
+    for variant in ("float32", "uint8"):
+        out = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--json", str(folder)],
+                             capture_output=True, text=True, check=True)
+        peaks[variant] = float(next(line.split()[2] for line in out.stdout.splitlines() if line.startswith("MEMORY")))
+    print(_common.table(("pixel storage", "peak RSS, 2,000 images at 224 px, one epoch"),
+                        [(k, f"{v:.0f} MiB") for k, v in peaks.items()]))
+    print(f"peak RSS ratio float32/uint8: {peaks['float32'] / peaks['uint8']:.2f}x "
+          f"(raw pixels: {2000 * 224 * 224 * 3 * 4 / 2**20:.0f} MiB float32, {2000 * 224 * 224 * 3 / 2**20:.0f} MiB uint8)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.memory_variant:
+        memory_variant(args.memory_variant, args.json)
+        return 0
     info = _common.machine()
     _common.print_machine(info)
+    if args.memory:
+        return measure_memory()
 
     import keras
     import tensorflow as tf

@@ -292,6 +292,38 @@ def test_evaluate_predictions_multilabel(tmp_path: Path) -> None:
     assert set(first) == {"path", "true_label", "predicted_label", "confidence", "worst_label"}
 
 
+def test_evaluation_never_overwrites_files_tlkit_did_not_write(tmp_path: Path) -> None:
+    """--out folders: a user's report.md / evaluation/ file is refused, tlkit's own are replaced."""
+    y, p = _binary(n=60)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"report\.md.*not written by tlkit.*new or empty --out"):
+        evaluate_predictions(y, p, ["normal", "disease"], out=mine)
+    assert (mine / "report.md").read_text(encoding="utf-8") == "my own notes"
+    assert sorted(f.name for f in mine.iterdir()) == ["report.md"]  # nothing written before refusing
+
+    figures = tmp_path / "figures"
+    (figures / "evaluation").mkdir(parents=True)
+    (figures / "evaluation" / "roc.png").write_bytes(b"my plot")
+    with pytest.raises(ConfigError, match="roc.png"):
+        evaluate_predictions(y, p, ["normal", "disease"], out=figures)
+    assert (figures / "evaluation" / "roc.png").read_bytes() == b"my plot"
+
+    # A fresh folder is claimed (the marker lists what tlkit writes), and tlkit may replace its own files
+    # there later; a file of the user's beside them is left alone.
+    fresh = tmp_path / "fresh"
+    evaluate_predictions(y, p, ["normal", "disease"], out=fresh)
+    marker = json.loads((fresh / ".tlkit-evaluation").read_text(encoding="utf-8"))
+    assert set(marker["files"]) == {"report.md", "metrics.json", "misclassified.csv"}
+    assert marker["folders"] == ["evaluation"]
+    (fresh / "notes.txt").write_text("keep me", encoding="utf-8")
+    before = (fresh / "metrics.json").stat().st_mtime_ns
+    evaluate_predictions(y, p, ["normal", "disease"], out=fresh)
+    assert (fresh / "metrics.json").stat().st_mtime_ns >= before and _check_report(fresh)["count"] == 60
+    assert (fresh / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
 @pytest.fixture
 def toy_plots() -> Iterator[list[str]]:
     """Two plots registered through the public registry (one that never applies), removed afterwards."""
@@ -423,6 +455,22 @@ def test_evaluate_refuses_unknown_classes(finished_run: Path, tmp_path: Path) ->
     (data / "red").rename(data / "purple")
     with pytest.raises(DataError, match="purple"):
         evaluate_run(finished_run, data, out=tmp_path / "out", gradcam=0)
+
+
+def test_cli_evaluate_out_refuses_a_users_metrics_json(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tlkit.cli import main
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": true}', encoding="utf-8")
+    assert main(["evaluate", str(finished_run), "--out", str(out), "--gradcam", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "does not overwrite" in err
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8")) == {"mine": True}
+    # The run directory is tlkit's own: it never gets a marker, and evaluating into it is always allowed.
+    assert not (finished_run / ".tlkit-evaluation").exists()
 
 
 def test_evaluate_an_audio_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

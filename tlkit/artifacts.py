@@ -7,16 +7,26 @@ module reads one, or a single artifact copied out of one, without the exporter::
         saved_model.pb, variables/   SavedModel; signature ``serving_default``
         keras_model.keras            the Keras model (loads with safe_mode=True after ``import tlkit``)
         model_fp32.tflite ...        TFLite files at a fixed input size (batch 1)
+        model.onnx                   ONNX at a fixed image size, any batch (optional extra: tlkit[onnx])
         labels.txt                   class names, one a line, in output order
         metadata.json                labels, modality, sample rate, input contract per artifact
 
 Every predictor has ``.labels`` and ``.predict_one(example) -> (C,) float32 probabilities``
 for one raw example: (H, W, 3) float pixels 0..255 of any size, or a (samples,) waveform;
-``.prepare(example)`` gives the example as the artifact itself sees it.
+``.prepare(example)`` gives the example as the artifact itself sees it. SavedModel and
+``.keras`` predictors also have ``.predict_batch(batch) -> (B, C)`` for same-shape
+examples (TFLite files take batch 1).
+
+Loading a SavedModel runs its graph, and a graph can hold ops that read or write any file
+the process may touch (``ReadFile``, ``WriteFile``) or run Python (``PyFunc``).
+:mod:`tlkit.savedmodel_ops` lists such ops from ``saved_model.pb`` without loading
+anything (``tlkit inspect DIR``); :func:`tlkit.predict.load_predictor` refuses a flagged
+SavedModel unless trusted. See docs/deploy.md.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit.audio_windows import ClipWindows
 from tlkit.errors import ExportError
 from tlkit.fileio import read_json
 from tlkit.registration import register_serializables
@@ -41,6 +52,9 @@ TFLITE_FP32_FILE = "model_fp32.tflite"
 TFLITE_FP16_FILE = "model_fp16.tflite"
 TFLITE_DYNAMIC_FILE = "model_dynamic.tflite"
 TFLITE_INT8_FILE = "model_int8.tflite"
+ONNX_FILE = "model.onnx"
+ONNX_EXTRA = "pip install 'tlkit[onnx]'"
+"""Installs what the ``onnx`` format needs (tf2onnx, onnx, onnxruntime)."""
 MAX_TOP_K = 5
 """The SavedModel signature's ``labels`` / ``scores`` hold the top min(5, C) classes."""
 
@@ -49,13 +63,16 @@ MAX_TOP_K = 5
 class SavedModelPredictor:
     """An exported SavedModel directory as a :class:`tlkit.predict.Predictor`.
 
-    ``predict_one`` takes one raw example, (H, W, 3) pixels 0..255 (any size; rounded to
-    uint8) or a (samples,) waveform, and returns (C,) float32 probabilities.
+    ``predict_one`` takes one raw example, (H, W, C) pixels 0..255 (any size, C = 1, 3 or
+    4; rounded to uint8) or a whole (samples,) waveform of any length, and returns (C,)
+    float32 probabilities. Audio exports cut the clip into windows inside the serving
+    function (``windows``, read from ``metadata.json``: see :mod:`tlkit.audio_windows`).
     """
 
     path: str
     labels: list[str]
     input_name: str = "image"
+    windows: ClipWindows | None = None
     _fn: Any = field(default=None, repr=False)
     _loaded: Any = field(default=None, repr=False)
 
@@ -76,6 +93,14 @@ class SavedModelPredictor:
             batch = tf.constant(np.asarray(example, np.float32)[None])
         return np.asarray(self._fn(**{self.input_name: batch})["probabilities"])[0]
 
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """(B, ...) raw examples of one shape -> (B, C) probabilities, one signature call."""
+        if self.input_name == "image":
+            tensor = tf.constant(np.clip(np.rint(batch), 0, 255).astype(np.uint8))
+        else:
+            tensor = tf.constant(np.asarray(batch, np.float32))
+        return np.asarray(self._fn(**{self.input_name: tensor})["probabilities"])
+
 
 @dataclass
 class TFLitePredictor:
@@ -83,14 +108,17 @@ class TFLitePredictor:
 
     ``predict_one`` takes one raw example, (H, W, 3) pixels 0..255 of any size (resized to
     the model's fixed size with the Keras model's bilinear resize) or a (samples,)
-    waveform (cropped or zero-padded to the fixed length), and returns (C,) float32
-    probabilities (dequantized when the model has int8 outputs).
+    waveform, and returns (C,) float32 probabilities (dequantized when the model has int8
+    outputs). With a window contract (``windows``, from ``metadata.json``) a waveform of
+    any length is scored as the run scores it: the mean over its fixed-length windows
+    (:mod:`tlkit.audio_windows`); without one it is cropped or zero-padded to the fixed length.
     """
 
     path: str
     labels: list[str]
     num_threads: int = 1
     runtime: str = ""
+    windows: ClipWindows | None = None
     _interpreter: Any = field(default=None, repr=False)
     _input: dict[str, Any] = field(default_factory=dict, repr=False)
     _output: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -111,7 +139,16 @@ class TFLitePredictor:
         return fit_fixed(np.asarray(example, np.float32), self.input_shape[1:])
 
     def predict_one(self, example: np.ndarray) -> np.ndarray:
-        x = self.prepare(example)[None]
+        wave = np.asarray(example, np.float32)
+        if self.windows is not None and wave.ndim == 1 and len(self.input_shape) == 2:
+            if len(wave) == self.windows.clip_samples:  # every window is the clip itself
+                return self._invoke(wave)
+            return self.windows.score(lambda rows: np.stack([self._invoke(row) for row in rows]), wave)
+        return self._invoke(self.prepare(example))
+
+    def _invoke(self, example: np.ndarray) -> np.ndarray:
+        """One example already at the fixed input size (no batch axis) -> (C,) float32."""
+        x = np.asarray(example, np.float32)[None]
         scale, zero_point = self._input["quantization"]
         dtype = self._input["dtype"]
         if np.issubdtype(dtype, np.integer):
@@ -128,11 +165,17 @@ class TFLitePredictor:
 
 @dataclass
 class KerasFilePredictor:
-    """An exported ``keras_model.keras`` (loaded with safe_mode=True) as a predictor."""
+    """An exported ``keras_model.keras`` (loaded with safe_mode=True) as a predictor.
+
+    Audio models with a window contract (``windows``, from ``metadata.json``) score a
+    whole waveform of any length as the run does (:mod:`tlkit.audio_windows`).
+    """
 
     path: str
     labels: list[str]
+    windows: ClipWindows | None = None
     _model: Any = field(default=None, repr=False)
+    _batch_fn: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         register_serializables()
@@ -142,14 +185,94 @@ class KerasFilePredictor:
         return example
 
     def predict_one(self, example: np.ndarray) -> np.ndarray:
-        return np.asarray(self._model(np.asarray(example, np.float32)[None], training=False))[0]
+        x = np.asarray(example, np.float32)
+        if self.windows is not None and x.ndim == 1:
+            return self.predict_batch(x[None])[0]
+        return np.asarray(self._model(x[None], training=False))[0]
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """(B, ...) raw examples of one shape -> (B, C) probabilities, through one compiled function."""
+        if self._batch_fn is None:
+            self._batch_fn = compiled_predict(self._model)
+        rows = np.asarray(batch, np.float32)
+        if self.windows is not None and rows.ndim == 2:
+            return np.stack([self.windows.score(lambda w: self._batch_fn(tf.constant(w)), row) for row in rows])
+        return np.asarray(self._batch_fn(tf.constant(rows)))
 
 
-def load_exported_predictor(path: str | Path) -> SavedModelPredictor | TFLitePredictor | KerasFilePredictor | None:
+@dataclass
+class OnnxPredictor:
+    """A ``.onnx`` file (the ``onnx`` export format) run by ONNX Runtime on CPU.
+
+    ``predict_one`` takes one raw example, (H, W, 3) float pixels 0..255 of any size
+    (resized to the file's fixed size with the Keras model's bilinear resize, as for
+    TFLite), and returns (C,) float32 probabilities; ``predict_batch`` takes (B, ...) of one
+    shape. Labels: ``metadata.json`` / ``labels.txt`` beside the file, else the ``labels``
+    entry the exporter writes into the ONNX file's own metadata (:meth:`from_file`).
+    """
+
+    path: str
+    labels: list[str]
+    _session: Any = field(default=None, repr=False)
+    _input: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._session = onnxruntime_module().InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "OnnxPredictor":
+        """The file with its labels from beside it, else from its embedded metadata."""
+        try:
+            return cls(str(path), labels_beside(path))
+        except ExportError:
+            session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            embedded = session.get_modelmeta().custom_metadata_map.get("labels")
+            if not embedded:
+                raise
+            return cls(str(path), [str(v) for v in json.loads(embedded)])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The fixed input shape without the batch axis, e.g. (224, 224, 3)."""
+        return tuple(int(v) for v in self._input.shape[1:])
+
+    def prepare(self, example: np.ndarray) -> np.ndarray:
+        return fit_fixed(np.asarray(example, np.float32), self.input_shape)
+
+    def predict_one(self, example: np.ndarray) -> np.ndarray:
+        return self.predict_batch(np.asarray(example, np.float32)[None])[0]
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        x = np.stack([self.prepare(example) for example in batch]).astype(np.float32)
+        return np.asarray(self._session.run(None, {self._input.name: x})[0], np.float32)
+
+
+def onnxruntime_module() -> Any:
+    """``onnxruntime``, or an ExportError naming the extra that installs it (an optional dependency)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(f"running .onnx files needs onnxruntime, which is not installed: {ONNX_EXTRA}") from exc
+    return onnxruntime
+
+
+def compiled_predict(model: Any) -> Any:
+    """``model(x, training=False)`` as one ``tf.function``: (B, ...) float32 tensor -> (B, C).
+
+    Traced once per input shape class (``reduce_retracing``: a new batch size or image size
+    generalises the trace instead of adding one per shape), so many files cost one graph.
+    """
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def load_exported_predictor(
+    path: str | Path,
+) -> SavedModelPredictor | TFLitePredictor | KerasFilePredictor | OnnxPredictor | None:
     """A predictor for an exported artifact, or ``None`` when ``path`` is not one.
 
     Recognised: a SavedModel directory with ``saved_model.pb`` and ``metadata.json`` (a
-    version directory written by :func:`tlkit.export.export_run`), a ``.tflite`` file, or a
+    version directory written by :func:`tlkit.export.export_run`), a ``.tflite`` or ``.onnx`` file, or a
     ``.keras`` file, each with ``metadata.json`` or ``labels.txt`` beside it for the class
     names. See the module docstring for what ``predict_one`` takes and returns.
 
@@ -157,13 +280,17 @@ def load_exported_predictor(path: str | Path) -> SavedModelPredictor | TFLitePre
         ExportError: the artifact is recognised but its labels cannot be found.
     """
     p = Path(path)
+    windows = ClipWindows.from_metadata(metadata_beside(p))  # audio exports: how a clip is windowed
     if p.is_dir() and (p / SAVED_MODEL_FILE).is_file() and (p / METADATA_FILE).is_file():
         spec = metadata_beside(p).get("artifacts", {}).get("savedmodel", {}).get("input", {})
-        return SavedModelPredictor(str(p), labels_beside(p / SAVED_MODEL_FILE), input_name=spec.get("name", "image"))
+        return SavedModelPredictor(str(p), labels_beside(p / SAVED_MODEL_FILE), input_name=spec.get("name", "image"),
+                                   windows=windows if spec.get("windows") else None)
     if p.is_file() and p.suffix == ".tflite":
-        return TFLitePredictor(str(p), labels_beside(p))
+        return TFLitePredictor(str(p), labels_beside(p), windows=windows)
+    if p.is_file() and p.suffix == ".onnx":
+        return OnnxPredictor.from_file(p)
     if p.is_file() and p.suffix == ".keras" and ((p.parent / METADATA_FILE).is_file() or (p.parent / LABELS_FILE).is_file()):
-        return KerasFilePredictor(str(p), labels_beside(p))
+        return KerasFilePredictor(str(p), labels_beside(p), windows=windows)
     return None
 
 

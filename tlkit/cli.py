@@ -70,7 +70,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         k = min(args.top_k, len(predictor.labels))
         rows = [(r.file, *(f"{label} {p:.3f}" for label, p in r.to_dict(predictor.labels, k)["top"])) if r.ok
                 else (r.file, f"error: {r.error}", *([""] * (k - 1))) for r in results]
-        print(format_table(("file", *(f"top {i + 1}" for i in range(k))), rows))
+        audio = any(r.seconds is not None for r in results)  # say how much of each clip was heard
+        headers = ("file", *(f"top {i + 1}" for i in range(k)), *(("scored",) if audio else ()))
+        print(format_table(headers, [(*row, *((f"scored {r.scored}" if r.scored else "",) if audio else ()))
+                                     for row, r in zip(rows, results)]))
     if failed:
         print(f"tlkit: {len(failed)} of {len(results)} file(s) could not be classified; see their error rows",
               file=sys.stderr)
@@ -79,7 +82,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from tlkit.artifacts import inspect_saved_model
+    from tlkit.savedmodel_ops import inspect_saved_model
 
     report = inspect_saved_model(args.saved_model)
     if args.json:
@@ -135,15 +138,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_run(
         args.run_dir, args.formats, args.out, calibration_samples=args.calibration_samples,
         parity_samples=args.parity_samples, min_agreement=parse_min_agreement(args.min_agreement),
-        int8_io=args.int8_io, bias_correction=not args.no_bias_correction,
+        int8_io=args.int8_io, bias_correction=not args.no_bias_correction, strict=args.strict,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
-        return 0
-    print(report.table())
-    print(f"\nparity on {report.results[0].samples if report.results else 0} {report.parity_split} examples; "
-          f"latency = one example, median, this machine")
-    print(f"wrote {report.out_dir} (version {report.version})")
+    else:
+        print(report.table())
+        print(f"\nparity on {report.results[0].samples if report.results else 0} {report.parity_split} examples; "
+              f"latency = one example, median, this machine")
+        print(f"wrote {report.out_dir} (version {report.version})")
+    if report.failed:  # the formats that passed are written; say which did not, one line each
+        print(f"tlkit: {len(report.failed)} format(s) failed and are not in {report.out_dir} "
+              "(--strict writes nothing unless all pass):", file=sys.stderr)
+        for fmt, reason in report.failed.items():
+            print(f"  {fmt}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -180,6 +189,15 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     result = lr_find_config(args.config, args.stage, steps=args.steps, min_lr=args.min_lr, max_lr=args.max_lr,
                             out=args.out, verbose=0 if args.json else "auto")
     print(json.dumps(result.to_dict(), indent=1) if args.json else summary(result))
+    return 0
+
+
+def _cmd_shift(args: argparse.Namespace) -> int:
+    from tlkit.shift import measure_shift
+
+    report = measure_shift(args.source, args.target, backbone=args.backbone, image_size=args.image_size,
+                           seed=args.seed, max_per_domain=args.max_per_domain, permutations=args.permutations)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.summary())
     return 0
 
 
@@ -244,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "directory (or --out) and prints a summary.")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--data", help="a class folder or CSV manifest instead of the run's test split")
-    p.add_argument("--out", help="write the report here instead of the run directory")
+    p.add_argument("--out", help="write the report here instead of the run directory (a new folder, or one tlkit "
+                                 "evaluated into before: files tlkit did not write are never overwritten)")
     p.add_argument("--threshold", type=float,
                    help="binary / multi-label decision threshold and operating point (default: arg-max / 0.5 "
                         "decisions, operating point by Youden's J on the validation split)")
@@ -272,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-io", action="store_true", help="the int8 TFLite model takes and returns int8 tensors")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="convert tflite-dynamic/int8 without correcting the mean error of int8 weights")
+    p.add_argument("--strict", action="store_true",
+                   help="write nothing unless every format passes (default: keep the formats that passed, "
+                        "name the failed ones and exit 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = _add(sub, "demo", _cmd_demo, help="measure the transfer gain offline on real data that ships with packages")
@@ -320,6 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lr", type=float, default=10.0, metavar="Y", help="last rate (default 10)")
     p.add_argument("--out", default=None, metavar="DIR", help="write the plot and JSON here")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = _add(sub, "shift", _cmd_shift,
+             help="measure the domain shift between two data sets on frozen backbone features",
+             description="Computes frozen, pooled backbone features of both sets once, then: a domain "
+                         "classifier's cross-validated ROC-AUC (0.5 = indistinguishable), an RBF-kernel MMD with "
+                         "a permutation p-value, the target classes and examples that look least like the "
+                         "source, and a verdict. SOURCE may be a run directory (its training split, and its "
+                         "model as the backbone). Folders without class sub-folders are read unlabelled.")
+    p.add_argument("source", help="class folder, flat folder, CSV manifest or run directory")
+    p.add_argument("target", help="class folder, flat folder or CSV manifest")
+    p.add_argument("--backbone", default=None, metavar="NAME",
+                   help="backbone for the features (default: the run's model, else efficientnet_lite0 for images, "
+                        "whisper_tiny_en_encoder for audio)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N", help="read images at N x N")
+    p.add_argument("--max-per-domain", type=int, default=1000, metavar="N",
+                   help="a seeded random subset of at most N examples per set (default 1000)")
+    p.add_argument("--permutations", type=int, default=500, metavar="N", help="MMD permutations (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: auc, mmd, p_value, n_source, n_target, verdict, classes, examples")
     return parser
 
 

@@ -94,13 +94,19 @@ def read_dicom(path: str | Path) -> DicomImage:
     """Decodes one single-frame DICOM file and applies its modality LUT.
 
     Raises:
-        ValueError: a multi-frame file, or pixel data pydicom cannot decode (the message
-            says which decoder to install).
+        ValueError: the file is missing, truncated or not DICOM, holds no pixel data, is
+            multi-frame, or has pixel data pydicom cannot decode (the message names the file
+            and, for compressed pixels, which decoder to install). Callers report the file
+            and go on with the others.
     """
     pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut, convert_color_space
 
-    ds = pydicom.dcmread(str(path))
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # InvalidDicomError, OSError, EOFError, struct errors from a truncated file
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read DICOM file {str(path)!r}: {type(exc).__name__}: {detail}") from exc
     if "PixelData" not in ds:
         raise ValueError(f"{str(path)!r} holds no pixel data")
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:

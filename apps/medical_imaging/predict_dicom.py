@@ -11,7 +11,12 @@ percentiles; use what ``prepare.py`` used) -> MONOCHROME1 inverted -> 8-bit grey
 to RGB (``dicom_io``); PNG/JPEG files are decoded to RGB. Then the image is resized
 (bilinear, as tlkit's training pipeline and the model's own Resizing layer do) to the run's
 image size, and the model
-(run directory, exported SavedModel or ``.tflite``) gives the probabilities.
+(run directory, exported SavedModel or ``.tflite``) gives the probabilities; images of the
+same size are scored in batches.
+
+A file that cannot be read (not DICOM, truncated, no pixel data, an unreadable PNG) is a
+row with an ``error`` and no probabilities; the other files are still classified and the
+exit status is then 1.
 
 With ``--run RUN`` (default: TARGET when it is a run directory) the run's fitted temperature
 (``tlkit evaluate --calibrate``) is applied, and the decision uses the operating threshold of
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-center", type=float)
     parser.add_argument("--window-width", type=float)
     parser.add_argument("--threshold", type=float, help="decision threshold on the positive class probability")
+    parser.add_argument("--trust", action="store_true",
+                        help="load a SavedModel even when its graph reads or writes files (see `tlkit inspect`)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if (args.window_center is None) != (args.window_width is None):
@@ -75,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from tlkit import RunDir
+    from tlkit.errors import TlkitError
     from tlkit.evaluation import apply_temperature, read_metrics
-    from tlkit.predict import load_predictor
+    from tlkit.predict import load_predictor, predict_examples
 
-    predictor = load_predictor(args.target)
+    predictor = load_predictor(args.target, trust=args.trust)
     labels = list(predictor.labels)
     run = args.run or (args.target if RunDir.is_run(args.target) else None)
     temperature = RunDir(run).temperature() if run else None
@@ -88,30 +96,48 @@ def main(argv: list[str] | None = None) -> int:
         threshold, source = float(operating["threshold"]), f"{run}/metrics.json ({operating.get('threshold_source')})"
     size = image_size(args.target, run)
     positive = len(labels) - 1  # tlkit's default positive class: the second in sorted order
-    results = []
+    results, decoded = [], []
     for file in args.files:
-        pixels, note = load_pixels(file, args.window_center, args.window_width)
+        try:
+            pixels, note = load_pixels(file, args.window_center, args.window_width)
+        except (ValueError, OSError, TlkitError) as exc:  # a corrupt file is reported, the others go on
+            results.append({"file": str(file), "error": str(exc)})
+            continue
         if size:
             pixels = tf.image.resize(pixels, size, method="bilinear").numpy()
-        p = np.asarray(predictor.predict_one(pixels), np.float64)
+        results.append({"file": str(file), "preprocessing": note})
+        decoded.append((results[-1], pixels))
+    scored = predict_examples(predictor, [pixels for _, pixels in decoded], names=[r["file"] for r, _ in decoded])
+    for (row, _), prediction in zip(decoded, scored):
+        if prediction.probabilities is None:
+            row["error"] = prediction.error
+            continue
+        p = np.asarray(prediction.probabilities, np.float64)
         if temperature:
             p = apply_temperature(p[None], float(temperature))[0]
-        row = {"file": str(file), "preprocessing": note, "probabilities": dict(zip(labels, map(float, p)))}
+        row["probabilities"] = dict(zip(labels, map(float, p)))
         if len(labels) == 2 and threshold is not None:
             row["decision"] = labels[positive] if p[positive] >= threshold else labels[1 - positive]
         else:
             row["decision"] = labels[int(np.argmax(p))]
-        results.append(row)
+        row["error"] = None
+    failed = [row for row in results if row.get("error")]
     if args.json:
         print(json.dumps({"threshold": threshold, "threshold_source": source if threshold is not None else None,
-                          "temperature": temperature, "results": results}, indent=1))
-        return 0
-    for row in results:
-        probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
-        print(f"{row['file']}: {row['decision']}  ({probs}; {row['preprocessing']})")
-    if threshold is not None and len(labels) == 2:
-        print(f"decision: {labels[positive]} when p >= {threshold:.3f} ({source})"
-              + (f"; probabilities calibrated with T = {temperature:.3f}" if temperature else ""))
+                          "temperature": temperature, "results": results}, indent=1, allow_nan=False))
+    else:
+        for row in results:
+            if row.get("error"):
+                print(f"{row['file']}: error: {row['error']}")
+                continue
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
+            print(f"{row['file']}: {row['decision']}  ({probs}; {row['preprocessing']})")
+        if threshold is not None and len(labels) == 2:
+            print(f"decision: {labels[positive]} when p >= {threshold:.3f} ({source})"
+                  + (f"; probabilities calibrated with T = {temperature:.3f}" if temperature else ""))
+    if failed:
+        print(f"{len(failed)} of {len(results)} file(s) could not be classified; see their error rows", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,11 @@ the manifest records the window used per file. PNG and JPEG files are listed whe
 are (absolute paths), not copied. ``preprocessing.json`` records the settings, and
 ``predict_dicom.py`` applies the same ones at inference.
 
+A DICOM file that cannot be converted (truncated, not DICOM, no pixel data, an
+undecodable compression) is skipped with its reason: printed, listed in
+``<out>/skipped.csv``, and the exit status is 1 although ``manifest.csv`` holds every
+other image.
+
 Kermany's official test folder goes to ``official_test.csv`` (not into ``manifest.csv``),
 for a final ``tlkit evaluate RUN --data data/chest_xray/official_test.csv --out ...``.
 """
@@ -51,13 +56,29 @@ def _row(path: str, label: str, group: str | None, source: str, window=None, pho
 
 
 def convert_dicom(file: Path, label: str, out: Path, args: argparse.Namespace, name: str | None = None) -> dict:
-    """One DICOM file -> ``out/images/<label>/<name>.png`` and its manifest row (patient = PatientID)."""
+    """One DICOM file -> ``out/images/<label>/<name>.png`` and its manifest row (patient = PatientID).
+
+    Raises:
+        ValueError: the file cannot be read or decoded (see ``dicom_io.read_dicom``).
+    """
     target = out / "images" / label / f"{name or file.stem}.png"
     image, window = dicom_to_png(file, target, args.window_center, args.window_width, args.max_side)
     return _row(target.relative_to(out).as_posix(), label, image.patient_id, str(file), window, image.photometric)
 
 
-def from_folder(root: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+def try_convert(file: Path, label: str, out: Path, args: argparse.Namespace, name: str | None,
+                skipped: list[dict]) -> dict | None:
+    """:func:`convert_dicom`, or ``None`` with ``{path, label, reason}`` appended to ``skipped``
+    (one corrupt file is reported and the others are converted)."""
+    try:
+        return convert_dicom(file, label, out, args, name)
+    except (ValueError, OSError) as exc:
+        print(f"skipped {file}: {exc}", file=sys.stderr)
+        skipped.append({"path": str(file), "label": label, "reason": str(exc)})
+        return None
+
+
+def from_folder(root: Path, out: Path, args: argparse.Namespace, skipped: list[dict]) -> list[dict]:
     """``root/<class>/**/*``: DICOM converted, PNG/JPEG listed; groups from PatientID or ``--group-regex``."""
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -72,7 +93,8 @@ def from_folder(root: Path, out: Path, args: argparse.Namespace) -> list[dict]:
                 rows.append(_row(str(file.resolve()), label, match.group(1) if match else None, str(file)))
             elif is_dicom(file):
                 relative = file.relative_to(folder).with_suffix("")
-                rows.append(convert_dicom(file, label, out, args, "__".join(relative.parts)))
+                row = try_convert(file, label, out, args, "__".join(relative.parts), skipped)
+                rows.extend([row] if row else [])
     return rows
 
 
@@ -111,7 +133,7 @@ def from_kermany(root: Path) -> tuple[list[dict], list[dict]]:
     return pools["train"], pools["test"]
 
 
-def from_rsna(root: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+def from_rsna(root: Path, out: Path, args: argparse.Namespace, skipped: list[dict]) -> list[dict]:
     """RSNA Pneumonia Detection: Target 1 (any box) -> ``opacity``, else ``no_opacity``."""
     labels_csv = root / "stage_2_train_labels.csv"
     images = root / "stage_2_train_images"
@@ -129,13 +151,14 @@ def from_rsna(root: Path, out: Path, args: argparse.Namespace) -> list[dict]:
         if not file.is_file():
             print(f"note: {file} listed in the labels but missing; skipped")
             continue
-        rows.append(convert_dicom(file, "opacity" if positive else "no_opacity", out, args, patient))
+        row = try_convert(file, "opacity" if positive else "no_opacity", out, args, patient, skipped)
+        rows.extend([row] if row else [])
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -164,19 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     official_test: list[dict] = []
+    skipped: list[dict] = []
     if args.sample:
         from synthetic_dicom import write_sample
 
         write_sample(out / "dicom", patients=args.patients, seed=args.seed)
-        rows = from_folder(out / "dicom", out, args)
+        rows = from_folder(out / "dicom", out, args, skipped)
     elif args.kermany:
         rows, official_test = from_kermany(args.kermany.expanduser())
     elif args.rsna:
-        rows = from_rsna(args.rsna.expanduser(), out, args)
+        rows = from_rsna(args.rsna.expanduser(), out, args, skipped)
     else:
-        rows = from_folder(args.from_folder.expanduser(), out, args)
+        rows = from_folder(args.from_folder.expanduser(), out, args, skipped)
+    if skipped:
+        write_csv(out / "skipped.csv", skipped, ["path", "label", "reason"])
     if not rows:
-        raise SystemExit("no images found; check the source folder")
+        raise SystemExit(f"none of the {len(skipped)} DICOM file(s) could be converted (see {out / 'skipped.csv'})"
+                         if skipped else "no images found; check the source folder")
     write_csv(out / "manifest.csv", rows)
     if official_test:
         write_csv(out / "official_test.csv", official_test)
@@ -193,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'manifest.csv'}: {len(rows)} images ({dicoms} from DICOM; windows: {dict(windows)}), "
           f"{patients} patients, classes {dict(sorted(counts.items()))}"
           + (f"; official_test.csv: {len(official_test)} images" if official_test else ""))
+    if skipped:
+        print(f"{len(skipped)} DICOM file(s) could not be converted and are not in the manifest; they are listed "
+              f"with the reason in {out / 'skipped.csv'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,15 @@ The output folder of an evaluation (the run directory unless ``out`` is given)::
     metrics.json         every number of the report (see :func:`~tlkit.evaluation.compute_metrics`)
     misclassified.csv    path, true and predicted label, confidence; most confident first
     evaluation/*.png     the registered plots (:mod:`tlkit.evaluation.plots`) and Grad-CAM overlays
+    .tlkit-evaluation    (not in a run directory) what tlkit evaluate writes here
+
+tlkit never overwrites a file it did not write. A run directory is tlkit's own folder, so
+an evaluation into it (the default) replaces the previous evaluation's files. Any other
+folder (``--out``) is claimed by :func:`claim_output_folder` before anything is written:
+``.tlkit-evaluation`` lists the three files above and the ``evaluation/`` folder, and an
+evaluation refuses (ConfigError naming the file) when one of them exists without being
+listed there (a ``report.md`` of your own, an ``evaluation/`` folder with your files). A
+later evaluation into the same folder replaces tlkit's files as in a run directory.
 """
 
 from __future__ import annotations
@@ -23,13 +32,15 @@ import numpy as np
 from tlkit.errors import ConfigError
 from tlkit.evaluation.metrics import operating_points
 from tlkit.evaluation.plots import PLOTS
-from tlkit.fileio import read_json
+from tlkit.fileio import read_json, write_json
 from tlkit.text import format_table
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
 MISCLASSIFIED_FILE = "misclassified.csv"
 FIGURES_DIR = "evaluation"
+MARKER_FILE = ".tlkit-evaluation"
+_WRITTEN_FILES = (REPORT_FILE, METRICS_FILE, MISCLASSIFIED_FILE)
 
 #: Plots with a place of their own in report.md; any other plot goes under "More plots".
 _PLACED = ("confusion_matrix", "confusion_matrix_normalized", "roc", "precision_recall", "reliability",
@@ -126,6 +137,60 @@ def read_metrics(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{str(path)!r} cannot be read ({exc}); re-run `tlkit evaluate`") from exc
 
 
+def output_conflicts(out: str | Path, *, run_directory: bool = False) -> list[Path]:
+    """The files in ``out`` an evaluation would overwrite although tlkit did not write them.
+
+    ``[]`` for a run directory (``run_directory``: the caller knows ``out`` is one), a new
+    or empty folder, or one whose ``.tlkit-evaluation`` lists them (see the module docstring).
+    """
+    folder = Path(out)
+    if not folder.exists() or run_directory:
+        return []
+    try:
+        marker = read_json(folder / MARKER_FILE, default={})
+    except (OSError, ValueError):
+        marker = {}
+    marker = marker if isinstance(marker, dict) else {}
+    files, folders = set(marker.get("files", ())), set(marker.get("folders", ()))
+    conflicts = [folder / name for name in _WRITTEN_FILES if (folder / name).exists() and name not in files]
+    figures = folder / FIGURES_DIR
+    if figures.exists() and FIGURES_DIR not in folders:
+        conflicts += sorted(p for p in figures.rglob("*") if not p.is_dir()) if figures.is_dir() else [figures]
+    return conflicts
+
+
+def check_output_folder(out: str | Path, *, run_directory: bool = False) -> None:
+    """Raises unless an evaluation may write into ``out`` (see :func:`output_conflicts`).
+
+    Raises:
+        ConfigError: names the first file tlkit did not write, and the fix.
+    """
+    conflicts = output_conflicts(out, run_directory=run_directory)
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise ConfigError(
+            f"{str(conflicts[0])!r}{more} exists and was not written by tlkit evaluate ({MARKER_FILE} in "
+            f"{str(out)!r} does not list it); tlkit does not overwrite files it did not write. Choose a new or "
+            "empty --out folder, or move those files away"
+        )
+
+
+def claim_output_folder(out: str | Path, *, run_directory: bool = False) -> Path:
+    """Checks ``out`` (:func:`check_output_folder`), creates ``out/evaluation/`` and, outside a
+    run directory, writes ``.tlkit-evaluation`` before any report file; returns the figures folder."""
+    check_output_folder(out, run_directory=run_directory)
+    folder = Path(out)
+    figures = folder / FIGURES_DIR
+    figures.mkdir(parents=True, exist_ok=True)
+    if not run_directory:
+        write_json(folder / MARKER_FILE, {
+            "written_by": "tlkit evaluate",
+            "note": "tlkit evaluate may replace the files and folders listed here, and nothing else in this folder",
+            "files": list(_WRITTEN_FILES), "folders": [FIGURES_DIR],
+        })
+    return figures
+
+
 def jsonable(value: Any) -> Any:
     """``value`` with paths as strings, numpy scalars as Python numbers and NaN / inf as ``None``."""
     if isinstance(value, dict):
@@ -184,6 +249,7 @@ def _images(plots: dict[str, Path], out: Path, *names: str) -> list[str]:
 def report_markdown(
     metrics: dict[str, Any], out: Path, run: Path, plots: dict[str, Path], gradcam: dict[str, Any],
     wrong: list[dict[str, Any]], calibration: Path | None, notes: list[str], model_file: Path | None = None,
+    shift: dict[str, Any] | None = None,
 ) -> str:
     """The text of ``report.md``: summary, per-class table, operating point, every plot, mistakes.
 
@@ -215,6 +281,7 @@ def report_markdown(
     lines += ["## Summary", "", _md_table(("metric", "value", "95% CI"), summary), ""]
     if notes:
         lines += ["**Read with care:**", ""] + [f"- {note}" for note in notes] + [""]
+    lines += _shift_section(shift)
 
     lines += ["## Per-class metrics", ""]
     rows = [
@@ -279,6 +346,28 @@ def report_markdown(
     else:
         lines += [f"No example is misclassified ([{MISCLASSIFIED_FILE}]({MISCLASSIFIED_FILE}) is empty).", ""]
     return "\n".join(lines)
+
+
+def _shift_section(shift: dict[str, Any] | None) -> list[str]:
+    """``## Shift from the training data`` (:func:`tlkit.shift.measure_shift` on the model's features)."""
+    if not shift:
+        return []
+    lines = ["## Shift from the training data", ""]
+    if shift.get("error"):
+        return lines + [f"Not measured: {shift['error']}", ""]
+    lines += [f"**{shift['verdict']}**", "",
+              f"A domain classifier on the model's pooled features tells these {shift['n_target']} examples from "
+              f"{shift['n_source']} training examples with cross-validated ROC-AUC **{fmt(shift['auc'])}** (0.5: "
+              f"indistinguishable); RBF-kernel MMD² {shift['mmd']:.3g}, permutation p = {shift['p_value']:.3g}. "
+              "`tlkit shift` gives the full table; docs/adaptation.md says how to adapt.", ""]
+    if shift.get("classes"):
+        rows = [(c["class"], fmt(c["auc"]), c["n_source"], c["n_target"]) for c in shift["classes"][:8]]
+        lines += [_md_table(("class", "domain AUC", "training", "evaluated"), rows), ""]
+    if shift.get("examples"):
+        rows = [(f"`{e['path']}`", e["label"] or "-", fmt(e["p_target"])) for e in shift["examples"]]
+        lines += ["Evaluated examples least like the training data:", "",
+                  _md_table(("file", "label", "P(evaluated)"), rows), ""]
+    return lines
 
 
 def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], calibration: Path | None) -> list[str]:

@@ -40,17 +40,20 @@ from tlkit.evaluation.metrics import compute_metrics, youden_threshold
 from tlkit.evaluation.mistakes import outcomes, write_misclassified
 from tlkit.evaluation.plots import PlotContext, draw_plots
 from tlkit.evaluation.report import (
-    FIGURES_DIR,
     METRICS_FILE,
     MISCLASSIFIED_FILE,
     REPORT_FILE,
     EvaluationReport,
+    check_output_folder,
+    claim_output_folder,
     jsonable,
     link,
     report_markdown,
 )
 from tlkit.fileio import atomic_write_text, write_json
 from tlkit.rundir import InputContract, RunDir
+from tlkit.shift import measure_shift
+from tlkit.text import first_line
 
 #: examples -> ``(targets (N, C), probabilities (N, C))``.
 Predict = Callable[[list[Example]], tuple[np.ndarray, np.ndarray]]
@@ -92,9 +95,13 @@ def evaluate_run(
 
     Raises:
         ConfigError / DataError: not a finished run, unknown classes in ``data``, an empty
-            test split without ``data``, ``calibrate`` without a validation split.
+            test split without ``data``, ``calibrate`` without a validation split, or an
+            ``out`` folder holding a file tlkit did not write (see
+            :mod:`tlkit.evaluation.report`: tlkit never overwrites one).
     """
     run = RunDir(run_dir)
+    out_dir = Path(out) if out is not None else run.path
+    check_output_folder(out_dir, run_directory=_is_run_directory(out_dir, run.path))  # before the slow part
     model = run.load_model()
     labels = run.labels()
     contract = run.input_contract(model)
@@ -111,6 +118,7 @@ def evaluate_run(
     else:
         examples = read_data(Path(data))
         source = str(data)
+    shift = _training_shift(run, model, contract, examples) if data is not None else None
 
     targets, probabilities = predict(examples)
     try:
@@ -127,12 +135,25 @@ def evaluate_run(
     audio_note = "Grad-CAM overlays are drawn for image models; for audio use tlkit.explain.audio_saliency"
     return evaluate_predictions(
         targets, probabilities, labels,
-        out=Path(out) if out is not None else run.path,
+        out=out_dir,
         multi_label=multi_label, threshold=threshold, calibrate=calibrate, positive=positive,
         validation=val, paths=[e.path for e in examples], run_dir=run.path, source=source,
         model=model if gradcam > 0 and not contract.is_audio else None, image_size=contract.image_size,
-        gradcam=gradcam, extra_notes=[audio_note] if contract.is_audio and gradcam > 0 else None,
+        gradcam=gradcam, extra_notes=[audio_note] if contract.is_audio and gradcam > 0 else None, shift=shift,
     )
+
+
+def _training_shift(run: RunDir, model: keras.Model, contract: InputContract, examples: list[Example]
+                    ) -> dict[str, Any]:
+    """The shift from the run's training split to the evaluated data, on the model's own pooled
+    features (:func:`tlkit.shift.measure_shift`); ``{"error": ...}`` when it cannot be measured."""
+    try:
+        report = measure_shift(run.split("train"), examples, backbone=model, image_size=contract.image_size,
+                               sample_rate=contract.sample_rate, clip_seconds=contract.clip_seconds or 5.0,
+                               max_per_domain=500, permutations=200, top=5)
+    except (TlkitError, ValueError) as exc:
+        return {"error": first_line(exc)}
+    return report.to_dict()
 
 
 def _image_predictor(
@@ -210,6 +231,7 @@ def evaluate_predictions(
     image_size: tuple[int, int] | None = None,
     gradcam: int = 0,
     extra_notes: Sequence[str] | None = None,
+    shift: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Writes the report files for predictions made elsewhere (any modality).
 
@@ -224,12 +246,17 @@ def evaluate_predictions(
         model, image_size, gradcam: an image model, the size images are read at, and how
             many overlays of each kind to draw (0: none).
         extra_notes: caveats to print in the report.
+        shift: a :meth:`tlkit.shift.ShiftReport.to_dict` from the training data to these data
+            (``metrics.json`` key ``"shift"`` and a report section).
     Other arguments as :func:`evaluate_run`.
+
+    Raises:
+        ConfigError: ``out`` (not a run directory) holds a ``report.md``, ``metrics.json``,
+            ``misclassified.csv`` or ``evaluation/`` file that tlkit did not write.
     """
     started = time.time()
     out_dir = Path(out)
-    figures = out_dir / FIGURES_DIR
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = claim_output_folder(out_dir, run_directory=_is_run_directory(out_dir, run_dir))
     run = RunDir(run_dir if run_dir is not None else out_dir)
     names = [str(n) for n in class_names]
     raw = np.asarray(probabilities, np.float32)
@@ -282,6 +309,8 @@ def evaluate_predictions(
         threshold_source=source_note,
     )
     metrics["data"] = {"source": source, "count": len(truth)}
+    if shift is not None:
+        metrics["shift"] = shift
     if temperature is not None:
         metrics["calibration"]["temperature"] = temperature
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(truth, raw, DEFAULT_BINS, multi_label)
@@ -330,13 +359,20 @@ def evaluate_predictions(
     model_file = run.file(RunDir.MODEL)
     report = atomic_write_text(out_dir / REPORT_FILE, report_markdown(
         metrics, out_dir, run.path, plots, gradcam_info, wrong_rows, calibration_path, notes,
-        model_file=model_file if model_file.is_file() else None,
+        model_file=model_file if model_file.is_file() else None, shift=shift,
     ))
     return EvaluationReport(
         metrics=jsonable(metrics), out_dir=out_dir, report=report, metrics_json=metrics_json,
         misclassified_csv=misclassified_csv, plots=plots, gradcam=gradcam_files, calibration=calibration_path,
         notes=notes,
     )
+
+
+def _is_run_directory(out: Path, run_dir: str | Path | None) -> bool:
+    """``out`` is tlkit's own: the evaluated run's directory, or any run directory."""
+    if run_dir is not None and out.resolve() == Path(run_dir).resolve():
+        return True
+    return RunDir.is_run(out)
 
 
 def _history(run: RunDir, notes: list[str]) -> dict[str, Any] | None:
