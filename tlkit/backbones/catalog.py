@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tlkit.backbones.keras_hub_source import CURATED as KERAS_HUB_CURATED
 from tlkit.backbones.registry import register
 from tlkit.backbones.spec import (
     AudioEncoderOptions,
@@ -17,6 +18,8 @@ TF_MODE = ImagePreprocessing(scale=1 / 127.5, offset=-1.0)  # [-1, 1]
 CAFFE_MODE = ImagePreprocessing(mean=(103.939, 116.779, 123.68), channel_order="bgr")
 IDENTITY = ImagePreprocessing()  # the model rescales 0..255 itself
 UNIT_RANGE = ImagePreprocessing(scale=1 / 255.0)  # TF-Hub image modules take [0, 1]
+# 'torch' mode: [0, 1], then per-channel ImageNet mean / std (DenseNet).
+TORCH_MODE = ImagePreprocessing(scale=1 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 IMAGENET_KERAS = "ImageNet weights from keras.applications (see the Keras applications docs for terms)"
 HUB_LICENCE = "Apache-2.0 (TF-Hub / Kaggle Models, Google)"
@@ -96,6 +99,20 @@ _EFFICIENTNET = (
     r"^block6",
     r"^(block7|top_)",
 )
+_VGG = (r"^block1_", r"^block2_", r"^block3_", r"^block4_", r"^block5_")
+_DENSENET = (r"^(conv1_|conv2_|pool2_)", r"^(conv3_|pool3_)", r"^(conv4_|pool4_)", r"^(conv5_|bn$)")
+# ConvNeXt: the stem, then each downsampling layer with the stage after it; the final
+# LayerNormalization (include_top=False) is unnamed, hence auto-numbered.
+_CONVNEXT = (
+    r"_(stem|stage_0)_",
+    r"_(downsampling_[a-z]+_0$|stage_1_)",
+    r"_(downsampling_[a-z]+_1$|stage_2_)",
+    r"(_downsampling_[a-z]+_2$|_stage_3_|^layer_normalization)",
+)
+_EFFICIENTNET_V2 = (*_EFFICIENTNET[:5], r"^(block6|top_)")  # six blocks, not seven
+# Xception's shortcut convolutions are unnamed (auto-numbered), so its groups are cut by
+# position: entry flow, middle flow (two halves), exit flow.
+_XCEPTION_BOUNDARIES = ("block4_pool", "block8_sepconv3_bn", "block13_pool")
 
 BUILTIN: tuple[BackboneSpec, ...] = (
     _keras_app("resnet50", "ResNet50", 224, CAFFE_MODE, 2048, 23_587_712,
@@ -113,6 +130,24 @@ BUILTIN: tuple[BackboneSpec, ...] = (
                boundaries=("mixed2", "mixed5", "mixed7")),
     _keras_app("efficientnet_b0", "EfficientNetB0", 224, IDENTITY, 1280, 4_049_571,
                "efficientnetb0_notop.h5", _EFFICIENTNET),
+    _keras_app("vgg16", "VGG16", 224, CAFFE_MODE, 512, 14_714_688,
+               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", _VGG),
+    _keras_app("vgg19", "VGG19", 224, CAFFE_MODE, 512, 20_024_384,
+               "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", _VGG),
+    _keras_app("resnet101", "ResNet101", 224, CAFFE_MODE, 2048, 42_658_176,
+               "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5", _RESNET),
+    _keras_app("resnet152", "ResNet152", 224, CAFFE_MODE, 2048, 58_370_944,
+               "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5", _RESNET),
+    _keras_app("xception", "Xception", 299, TF_MODE, 2048, 20_861_480,
+               "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", boundaries=_XCEPTION_BOUNDARIES),
+    _keras_app("densenet121", "DenseNet121", 224, TORCH_MODE, 1024, 7_037_504,
+               "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", _DENSENET),
+    # ConvNeXt and EfficientNetV2 rescale and normalise 0..255 pixels inside the model
+    # (include_preprocessing=True, Keras's default; their preprocess_input is the identity).
+    _keras_app("convnext_tiny", "ConvNeXtTiny", 224, IDENTITY, 768, 27_820_128,
+               "convnext_tiny_notop.h5", _CONVNEXT),
+    _keras_app("efficientnetv2_b0", "EfficientNetV2B0", 224, IDENTITY, 1280, 5_919_312,
+               "efficientnetv2-b0_notop.h5", _EFFICIENTNET_V2),
     _hub("hub_resnet_v1_50", "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5", 224, 2048,
          "TF-Hub ResNet-50 v1 feature vector, ImageNet"),
     _hub("hub_resnet_v2_50", "https://tfhub.dev/google/imagenet/resnet_v2_50/feature_vector/5", 224, 2048,
@@ -133,7 +168,7 @@ BUILTIN: tuple[BackboneSpec, ...] = (
 
 def register_builtin() -> None:
     """Registers every built-in spec (idempotent)."""
-    for spec in BUILTIN + AUDIO_BUILTIN + _package_specs():
+    for spec in BUILTIN + AUDIO_BUILTIN + KERAS_HUB_BUILTIN + _package_specs():
         register(spec, overwrite=True)
 
 
@@ -143,6 +178,10 @@ def _package_specs() -> tuple[BackboneSpec, ...]:
     from tlkit.backbones.whisper import WHISPER_TINY_EN_ENCODER
 
     return (*image_specs, WHISPER_TINY_EN_ENCODER)
+
+
+#: keras-hub presets registered by name (``kh_<preset>``); any other is ``keras_hub:<preset>``.
+KERAS_HUB_BUILTIN: tuple[BackboneSpec, ...] = KERAS_HUB_CURATED
 
 
 # --------------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def get(
 
     claimed = claiming_source(key)
     if claimed is not None:
+        if claimed.describe is not None and modality != "audio":
+            return claimed.describe(key, image_size)  # the source reads its spec from the files
         adhoc_name, location = claimed.locate(key)
         return adhoc(adhoc_name, claimed.name, location)
     path = Path(key).expanduser()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import keras
 
-from tlkit.backbones import hub, keras_apps, keras_file, package
+from tlkit.backbones import hub, keras_apps, keras_file, keras_hub_source, package
 from tlkit.backbones.spec import BackboneSpec, HubOptions, KerasAppOptions, PackageOptions
 from tlkit.errors import BackboneNotFoundError, ConfigError
 
@@ -65,6 +65,9 @@ class BackboneSource:
         reloads_safely: ``False`` when a model holding this source's layer cannot be
             loaded from ``.keras`` with Keras's safe mode (a SavedModel's graph is code);
             such runs are rebuilt from their config and ``model.weights.h5``.
+        describe: for claimed names whose spec the source can read from the files
+            themselves (input size, preprocessing, groups): ``describe(name, image_size) ->
+            spec``, used by :func:`tlkit.backbones.get` instead of the generic ad-hoc spec.
     """
 
     name: str
@@ -75,6 +78,7 @@ class BackboneSource:
     locate: Callable[[str], tuple[str, str]] = _name_is_location
     options: type | None = None
     reloads_safely: bool = True
+    describe: Callable[[str, int | None], BackboneSpec] | None = None
 
 
 #: The table: source name -> record, in the order :func:`claiming_source` asks them.
@@ -205,6 +209,12 @@ def _builtin_sources() -> tuple[BackboneSource, ...]:
         BackboneSource("package", _load_package, package.package_backbone_available,
                        package.prefetch_package_backbone, options=PackageOptions),
         BackboneSource("builder", _load_builder, _always, _location),
+        # keras-hub presets (optional extra; imported only on load). Its layers are
+        # keras-hub classes, so runs are rebuilt from config + weights like SavedModel ones.
+        BackboneSource("keras_hub", keras_hub_source.load, keras_hub_source.available_offline,
+                       keras_hub_source.prefetch, claims=keras_hub_source.claims, locate=keras_hub_source.locate,
+                       options=keras_hub_source.KerasHubOptions, reloads_safely=False,
+                       describe=keras_hub_source.describe),
     )
 
 
