@@ -165,6 +165,7 @@ def fine_tune(
     jit_compile: bool | str = "auto",
     feature_cache: Literal["auto", "memory", "disk", "off"] = "auto",
     feature_passes: int = 1,
+    features: FeatureCache | None = None,
     backup_seconds: float | None = None,
     verbose: int | str = "auto",
     adaptation: AdaptationConfig | None = None,
@@ -200,6 +201,9 @@ def fine_tune(
             same data and seed, within float tolerance.
         feature_passes: passes over ``train`` when it is a random ``tf.data`` pipeline (audio
             crops): that many random crops per clip are cached. Ignored for ``Batches``.
+        features: a :class:`~tlkit.feature_cache.FeatureCache` already built with
+            ``FeatureCache.build`` for this model (frozen as it is now) and these data, e.g. by
+            ``tlkit train`` for its linear probe; head-only stages then reuse it.
         backup_seconds: seconds between resume backups within a stage (with ``run_dir``); the
             default is 30 s or 20 times a backup's write time, whichever is longer (backups then
             cost under 5% of training time). A finished stage writes its final weights; without
@@ -229,7 +233,8 @@ def fine_tune(
     start = time.monotonic()
     steps = _steps_per_epoch(train)
     epochs_done = 0
-    cache: FeatureCache | None = None
+    cache: FeatureCache | None = features
+    head_in_scope = False
     adapter = Adapter.create(adaptation, target, model, schedule, strategy, seed=_seed(train),
                              say=lambda message: _print(verbose, message))
     if adapter is not None:
@@ -258,8 +263,10 @@ def fine_tune(
             _print(verbose, "head-only stage: computing backbone features once (feature cache)")
             cache = FeatureCache.build(model, train, validation, feature_cache, Path(scratch.name),
                                        train_passes=feature_passes)
+        if use_cache and cache is not None and not head_in_scope:
             with strategy.scope():  # the head model must belong to the strategy that fits it
                 cache.head = split_head(model)[1]
+            head_in_scope = True
             result.feature_seconds = cache.seconds
         if solve:
             assert cache is not None

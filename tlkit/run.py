@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit.adaptation.target import load_run_target
 from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
@@ -33,6 +34,7 @@ from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, en
 from tlkit.errors import ConfigError
 from tlkit.evaluation.audio import evaluate_audio
 from tlkit.fileio import atomic_save, versions
+from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.finetune import FineTuneResult, fine_tune
 from tlkit.model import build_classifier, classification_loss, classification_metrics
 from tlkit.rundir import InputContract, RunDir, model_name
@@ -110,10 +112,15 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
             spec, len(splits.class_names), weights=cfg.backbone.weights, head=cfg.head,
             augmentation=data.augmentation, image_size=data.image_size, seed=cfg.seed, name=model_name(cfg.name),
         )
-    transfer = None
+    transfer = cache = None
     if baselines:
+        cache = _probe_cache(model, data, cfg, rundir)  # images: fine_tune's head stage reuses these features
         transfer = measure_baselines(model, data.run_splits, data.image_batches, multi_label=cfg.head.multi_label,
-                                     say=lambda message: _say(verbose, message))
+                                     cache=cache, say=lambda message: _say(verbose, message))
+    target = load_run_target(cfg, data.run_splits, spec.modality, data.image_size) if cfg.adaptation.enabled else None
+    if target is not None:
+        auc = target.measure(model, data.run_splits, "before", seed=cfg.seed)
+        _say(verbose, f"{target.summary()}; shift before training: domain AUC {auc:.3f}")
     weights = None
     if cfg.data.class_weights and not cfg.head.multi_label:
         weights = class_weights(splits.train, splits.class_names)
@@ -122,8 +129,12 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     history = fine_tune(
         model, train_ds, val_ds, cfg.schedule, head=cfg.head, run_dir=run, strategy=strategy,
         class_weight=weights, jit_compile=cfg.training.jit_compile, feature_cache=cfg.training.feature_cache,
-        feature_passes=data.feature_passes, verbose=verbose,
+        feature_passes=data.feature_passes, features=cache, verbose=verbose,
+        adaptation=cfg.adaptation if target else None, target=target.data if target else None,
     )
+    if target is not None:
+        auc = target.measure(model, data.run_splits, "after", seed=cfg.seed, done=history.adaptation)
+        _say(verbose, f"adaptation {cfg.adaptation.method!r}: shift after training: domain AUC {auc:.3f}")
     calibration = _calibrate(model, data, cfg, verbose)
     if calibration is not None:
         rundir.write_calibration(**calibration.to_dict())
@@ -152,6 +163,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
         "train_seconds": history.seconds, "test_metrics": test_metrics, "num_classes": len(splits.class_names),
         "calibration": calibration.to_dict() if calibration else None,
         "transfer": transfer.to_dict() if transfer else None,
+        "adaptation": target.record if target else None,
         "data": {"dropped_classes": list(splits.dropped_classes), "skipped_files": len(splits.skipped),
                  "ignored_files": len(splits.ignored)},
         **data.status, "versions": versions(),
@@ -283,6 +295,18 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
                            crops)
     return _RunData(splits, train_ds, val_ds, evaluate_test, predict, run_splits, None, augmentation, None, status,
                     AUDIO_CACHED_CROPS)
+
+
+def _probe_cache(model: keras.Model, data: _RunData, cfg: RunConfig, rundir: RunDir) -> FeatureCache | None:
+    """Image runs: the frozen backbone's features of the training and validation images, computed
+    once for the linear probe and handed to ``fine_tune`` for its head stage (``None`` where the
+    cache cannot apply: audio crops, trainable pooling, ``feature_cache = "off"``)."""
+    mode = cfg.training.feature_cache
+    if data.image_batches is None or mode == "off" or data.val is None:
+        return None
+    if cache_blocker(model, data.train, data.val, augmented_ok=True) is not None:
+        return None
+    return FeatureCache.build(model, data.train, data.val, mode, rundir.checkpoints("feature_cache"))
 
 
 def _calibrate(model: keras.Model, data: _RunData, cfg: RunConfig, verbose: int | str) -> Calibration | None:

@@ -31,6 +31,7 @@ from tlkit.baselines import (
     transfer_verdict,
 )
 from tlkit.data.images import Example, encode_labels
+from tlkit.feature_cache import FeatureCache
 from tlkit.text import format_table
 
 
@@ -88,6 +89,7 @@ def measure_baselines(
     image_batches: Callable[[Sequence[Example]], Any] | None,
     *,
     multi_label: bool = False,
+    cache: FeatureCache | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> TransferReport:
     """The no-transfer baseline and the linear probe of ``model``'s frozen backbone, before training.
@@ -96,6 +98,9 @@ def measure_baselines(
         model: the tlkit classifier, with its pretrained backbone not yet fine-tuned.
         image_batches: image runs: examples -> un-augmented :class:`~tlkit.data.Batches` at the
             model's size (``None`` for audio runs).
+        cache: image runs: the feature cache of this model on the training and validation
+            batches (``FeatureCache.build``); its features serve the probe, and ``fine_tune``
+            reuses the same cache, so the backbone runs once over those splits.
     """
     if not splits.val:
         say("baselines skipped: the run has no validation split to choose their regularisation on")
@@ -113,6 +118,10 @@ def measure_baselines(
         assert splits.clip_samples is not None
         features = [frozen_clip_features(extractor, [splits.waveforms[e.path] for e in part], splits.clip_samples,
                                          crops=splits.eval_crops) if part else None for part in parts]
+    elif cache is not None and cache.val_x is not None:
+        assert image_batches is not None
+        test = frozen_features(extractor, image_batches(parts[2])) if parts[2] else None
+        features = [np.asarray(cache.train_x), np.asarray(cache.val_x), test]
     else:
         assert image_batches is not None
         features = [frozen_features(extractor, image_batches(part)) if part else None for part in parts]
