@@ -37,6 +37,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from tlkit.blas import one_blas_thread
 from tlkit.backbones.spec import BackboneSpec
 from tlkit.data.audio import fixed_crops
 from tlkit.data.batches import Batches
@@ -153,7 +154,8 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, multi_label: bool) -> tuple[Any
         warnings.simplefilter("always", ConvergenceWarning)
         # One-vs-rest warns when a label is constant in training; it then predicts that constant.
         warnings.filterwarnings("ignore", message=r".*not present in all training examples.*")
-        pipeline.fit(x, y)
+        with one_blas_thread():
+            pipeline.fit(x, y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return pipeline, converged
 

@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+from tlkit.blas import one_blas_thread
 from tlkit.data.batches import Batches
 from tlkit.feature_cache import FeatureCache
 from tlkit.model import HeadConfig
@@ -84,7 +85,8 @@ def solve_head(
     if head.hidden_units:
         fit = _fit_hidden(cache, sample_weight)
     else:
-        fit = _fit_linear(cache, head.multi_label, class_weight, seed, sample_weight)
+        with one_blas_thread():
+            fit = _fit_linear(cache, head.multi_label, class_weight, seed, sample_weight)
     fit.seconds = time.monotonic() - started
     logs = {k: float(v) for k, v in cache.head.evaluate(cache.train.in_order(), verbose=0, return_dict=True).items()}
     if cache.validation is not None:
