@@ -13,7 +13,15 @@ import tlkit
 import tlkit.backbones as backbones
 from tests.conftest import tiny_cnn, tiny_spec
 from tlkit.errors import ConfigError
-from tlkit.explain import audio_saliency, explain_images, find_spatial_layer, grad_cam, overlay
+from tlkit.explain import (
+    MIN_MAP_SIZE,
+    OVERLAY_THRESHOLD,
+    audio_saliency,
+    explain_images,
+    find_spatial_layer,
+    grad_cam,
+    overlay,
+)
 from tlkit.finetune import Schedule, Stage, fine_tune
 
 SIZE = 64
@@ -70,6 +78,53 @@ def test_grad_cam_puts_its_mass_on_the_square(square_model: keras.Model) -> None
         assert inside > 8 * area
         peak = np.unravel_index(heat.argmax(), heat.shape)
         assert row - 2 <= peak[0] < row + SQUARE + 2 and col - 2 <= peak[1] < col + SQUARE + 2
+
+
+def test_grad_cam_maps_show_where_the_evidence_is_not(square_model: keras.Model) -> None:
+    """A fixed 0..1 scale (over the 99th percentile): most of the image stays below the overlay threshold."""
+    images, labels, corners = _square_images(24, seed=4)
+    positives = np.flatnonzero(labels == 1)
+    heatmaps = grad_cam(square_model, images[positives], class_index=1)
+    for heat, index in zip(heatmaps, positives):
+        row, col = corners[index]  # type: ignore[misc]
+        hot = heat >= OVERLAY_THRESHOLD
+        assert hot.mean() < 0.35, f"{hot.mean():.2f} of the image is coloured"
+        assert heat[row : row + SQUARE, col : col + SQUARE].mean() > 3 * heat.mean()
+        picture = overlay(images[index], heat)
+        cold = ~hot
+        np.testing.assert_array_equal(picture[cold], np.round(images[index][cold]).astype(np.uint8))
+        assert (picture[hot] != np.round(images[index][hot]).astype(np.uint8)).any()
+
+
+def _strided(size: int | None, name: str = "strided") -> keras.Model:
+    """Four stride-2 convolutions: maps of size/2, size/4, size/8, size/16."""
+    inputs = keras.Input((size, size, 3))
+    x = inputs
+    for i in range(4):
+        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name=f"down{i}")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def test_grad_cam_layer_has_enough_resolution_for_the_input_size() -> None:
+    assert MIN_MAP_SIZE == 7
+    assert find_spatial_layer(_strided(96)) == "down2"  # 12x12; the last layer is 6x6
+    assert find_spatial_layer(_strided(224)) == "down3"  # 14x14
+    assert find_spatial_layer(_strided(16)) == "down0"  # 8x8
+    assert find_spatial_layer(_strided(8)) == "down0"  # none reaches 7x7: the largest map
+    dynamic = _strided(None)
+    assert find_spatial_layer(dynamic) == "down3"  # sizes unknown without an input
+    assert find_spatial_layer(dynamic, np.zeros((1, 96, 96, 3), np.float32)) == "down2"
+    # Through a classifier whose backbone takes any size: measured at the input given.
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0, name="preprocess")(inputs)
+    x = _strided(None, name="backbone")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(2, name="logits")(x)
+    model = keras.Model(inputs, keras.layers.Activation("softmax", name="probabilities")(x))
+    rng = np.random.default_rng(0)
+    for size, layer in ((96, "down2"), (224, "down3")):
+        explanation = explain_images(model, rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32))
+        assert explanation.layer == layer and explanation.heatmaps.shape == (1, size, size)
 
 
 def test_grad_cam_options(square_model: keras.Model) -> None:
@@ -148,6 +203,12 @@ def test_overlay() -> None:
     assert blended.shape == (20, 30, 3) and blended.dtype == np.uint8
     assert not np.array_equal(blended[8, 15], blended[0, 0])  # hot and cold regions differ
     np.testing.assert_array_equal(overlay(image, heat, alpha=0.0), image.astype(np.uint8))
+    # Below the threshold nothing is drawn; the colour's weight rises with the heat above it.
+    flat = np.full((20, 30), OVERLAY_THRESHOLD - 0.01, np.float32)
+    np.testing.assert_array_equal(overlay(image, flat), image.astype(np.uint8))
+    ramp = np.tile(np.linspace(0.0, 1.0, 30, dtype=np.float32), (20, 1))
+    change = np.abs(overlay(image, ramp, colormap="gray").astype(int) - 100).sum(axis=-1)[0]
+    assert change[0] == 0 and change[-1] > change[20] > 0
 
 
 def test_audio_saliency_over_the_frontend() -> None:

@@ -42,6 +42,7 @@ from tlkit.export import (
     tflite,
     unregister_format,
 )
+from tlkit.export.model_card import MODEL_CARD_FILE
 from tlkit.run import load_run_model, train
 
 FORMATS = [fmt.name for fmt in list_formats()]  # the built-in formats, in build order
@@ -123,9 +124,12 @@ def test_every_format_is_written_reloads_and_passes_parity(exported: ExportRepor
     assert (out / "labels.txt").read_text(encoding="utf-8").split() == meta["labels"]
     assert set(meta["artifacts"]) == set(FORMATS)
     assert meta["artifacts"]["savedmodel"]["input"] == {
-        "name": "image", "dtype": "uint8", "shape": [None, None, None, 3], "range": [0, 255],
-        "layout": "RGB, channels last, any height and width (resized inside the model)",
+        "name": "image", "dtype": "uint8", "shape": [None, None, None, None], "range": [0, 255],
+        "channels": [1, 2, 3, 4],
+        "layout": "channels last: grey, grey+alpha, RGB or RGBA (alpha dropped, grey repeated), any height and "
+                  "width (resized inside the model)",
     }
+    assert meta["artifacts"]["keras"]["input"]["shape"] == [None, None, None, 3]
     assert meta["artifacts"]["tflite-int8"]["input"]["shape"] == [1, TINY_SIZE, TINY_SIZE, 3]
     assert meta["artifacts"]["tflite-fp32"]["parity"]["top1_agreement"] >= 0.99
     # Quantized formats are bias-corrected on the calibration examples; the float ones are not.
@@ -270,6 +274,75 @@ def test_savedmodel_signature_takes_any_size_uint8_and_returns_label_names(
     np.testing.assert_allclose(probabilities, model(images.astype(np.float32), training=False).numpy(), atol=1e-5)
 
 
+def test_savedmodel_takes_grey_and_rgba_images_as_tlkit_predict_does(
+    exported: ExportReport, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1 and 4 channels are made RGB inside the serving function, as `tlkit predict` decodes files."""
+    from PIL import Image
+
+    from tlkit.predict import load_image
+
+    rng = np.random.default_rng(3)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rng.integers(0, 256, (30, 26), dtype=np.uint8), mode="L").save(grey)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(rng.integers(0, 256, (30, 26, 4), dtype=np.uint8), mode="RGBA").save(rgba)
+    serve = tf.saved_model.load(exported.out_dir).signatures["serving_default"]
+    model, _ = load_run_model(run_dir)
+    for path, channels in ((grey, 1), (rgba, 4)):
+        raw = tf.io.decode_png(tf.io.read_file(str(path)), channels=0).numpy()
+        assert raw.shape == (30, 26, channels)
+        want = model(load_image(path)[None], training=False).numpy()  # what `tlkit predict` feeds the model
+        np.testing.assert_allclose(serve(image=tf.constant(raw[None]))["probabilities"].numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(load_exported_predictor(exported.out_dir).predict_one(raw), want[0], atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1 \\(grey\\), 2 .* or 4 \\(RGBA\\) channels"):
+        serve(image=tf.zeros((1, 8, 8, 5), tf.uint8))
+    capsys.readouterr()
+    assert main(["predict", exported.out_dir, str(grey), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["error"] is None
+
+
+def test_a_failed_format_is_left_out_and_the_rest_written(
+    run_dir: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One conversion error and one parity miss: both named in one line each, exit 1, the rest kept."""
+    base = workspace / "models" / "partial"
+    original_convert, original_predict = tflite._convert, TFLitePredictor.predict_one
+
+    def convert(source: ExportSource, options: tflite.TFLiteOptions, *rest: object) -> bytes:
+        if options.float16:
+            raise ExportError("TFLite conversion failed: ConverterError: 'tfl.toy' op is neither a custom op nor a "
+                              "flex op\n<unknown>:0: note: see current operation: ...")
+        return original_convert(source, options, *rest)
+
+    monkeypatch.setattr(tflite, "_convert", convert)
+    monkeypatch.setattr(TFLitePredictor, "predict_one", lambda self, x: np.roll(original_predict(self, x), 1))
+    formats = "savedmodel,tflite-fp32,tflite-fp16"
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--formats", formats, "--out", str(base), "--parity-samples", "6"]) == 1
+    captured = capsys.readouterr()
+    lines = [line.strip() for line in captured.err.splitlines()]
+    assert "tlkit: 2 format(s) failed" in lines[0]
+    assert lines[1].startswith("tflite-fp32: top-1 agreement 0.000") and len(lines) == 3
+    assert lines[2] == "tflite-fp16: TFLite conversion failed: ConverterError: 'tfl.toy' op is neither a custom op " \
+                       "nor a flex op"
+    assert "wrote" in captured.out and "FAILED" in captured.out and "failed tflite-fp16:" in captured.out
+    out = base / "1"
+    assert _listing(base) == ["1"]
+    names = {p.name for p in out.iterdir()}
+    assert {"saved_model.pb", "variables", "labels.txt", "metadata.json"} <= names
+    assert not any(name.endswith(".tflite") or name.startswith(".") for name in names), names
+    meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert set(meta["artifacts"]) == {"savedmodel"} and set(meta["failed"]) == {"tflite-fp32", "tflite-fp16"}
+    assert load_exported_predictor(out) is not None
+    # --strict: all or nothing; the Python API says the same through the report.
+    assert main(["export", str(run_dir), "--formats", formats, "--out", str(base), "--strict"]) == 2
+    assert "--strict: every format must pass" in capsys.readouterr().err and _listing(base) == ["1"]
+    report = export_run(run_dir, formats, out=base, parity_samples=6)
+    assert not report.passed and set(report.failed) == {"tflite-fp32", "tflite-fp16"}
+    assert [r.format for r in report.results] == ["savedmodel", "tflite-fp32"] and _listing(base) == ["1", "2"]
+
+
 def test_keras_artifact_loads_in_safe_mode(exported: ExportReport, run_dir: Path) -> None:
     import tlkit.layers  # noqa: F401
 
@@ -308,9 +381,9 @@ def test_existing_version_is_never_overwritten(exported: ExportReport, run_dir: 
     report = export_run(run_dir, ["tflite-fp32"], out=first.parent, parity_samples=5)
     assert report.version == 2 and Path(report.out_dir) == first.parent / "2"
     assert (first / "metadata.json").read_bytes() == before
-    assert sorted(p.name for p in (first.parent / "2").iterdir()) == [
-        "export_report.json", "labels.txt", "metadata.json", "model_fp32.tflite"
-    ]
+    assert sorted(p.name for p in (first.parent / "2").iterdir()) == sorted([
+        "export_report.json", "labels.txt", "metadata.json", "model_fp32.tflite", MODEL_CARD_FILE
+    ])
     assert _listing(first.parent) == ["1", "2"]
 
 
@@ -338,7 +411,7 @@ def test_cli_export_default_location_and_errors(
     printed = capsys.readouterr().out
     assert "tflite-dynamic" in printed and "max |dp|" in printed and "wrote" in printed
     assert (tmp_path / "saved_models" / "tiny" / "1" / "model_dynamic.tflite").is_file()
-    assert main(["export", str(run_dir), "--formats", "onnx"]) == 2
+    assert main(["export", str(run_dir), "--formats", "coreml"]) == 2
     assert "unknown export format" in capsys.readouterr().err
     assert _listing(tmp_path / "saved_models" / "tiny") == ["1"]
 

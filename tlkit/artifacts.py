@@ -258,12 +258,12 @@ def onnxruntime_module() -> Any:
 
 
 def compiled_predict(model: Any) -> Any:
-    """``model(x, training=False)`` as one ``tf.function``: (B, ...) float32 tensor -> (B, C).
+    """``model(x, training=False)`` as one ``tf.function``: (B, ...) uint8 or float32 tensor -> (B, C).
 
     Traced once per input shape class (``reduce_retracing``: a new batch size or image size
     generalises the trace instead of adding one per shape), so many files cost one graph.
     """
-    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
 
 
 def load_exported_predictor(

@@ -160,8 +160,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tlkit.demo import DemoConfig, run_demo
 
     given = {k: getattr(args, k) for k in ("labels_per_class", "image_size", "seed", "head_epochs",
-                                           "fine_tune_epochs") if getattr(args, k) is not None}
-    run_demo(DemoConfig(**given))
+                                           "fine_tune_epochs", "top_groups") if getattr(args, k) is not None}
+    report = run_demo(DemoConfig.quick(**given) if args.quick else DemoConfig(**given), verbose=not args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
     return 0
 
 
@@ -301,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--head-epochs", type=int, default=None)
     p.add_argument("--fine-tune-epochs", type=int, default=None)
+    p.add_argument("--top-groups", type=int, default=None, help="backbone groups the fine-tuning stage thaws")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a shortened demo (smaller splits and images)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"dataset", "rows", "negative_transfer"} as JSON (no progress bars or tables)')
 
     p = _add(sub, "sample-data", _cmd_sample_data,
              help="write a small real dataset shipped in a package as class folders")

@@ -3,19 +3,28 @@
 Grad-CAM (Selvaraju et al., 2017) weights each channel ``k`` of a spatial activation
 ``A`` (B, h, w, K) by the mean gradient of the class score (the *logit*, before the
 softmax, so a saturated probability does not flatten the map) with respect to it:
-``cam = relu(sum_k mean_ij(d score / d A_ijk) * A_k)``, upsampled to the input image.
+``cam = relu(sum_k mean_ij(d score / d A_ijk) * A_k)``, upsampled to the input image and
+divided by its 99th percentile (then clipped to [0, 1]), so a map is on a fixed 0..1 scale
+where 1 is "as strong as the strongest evidence in this image" and a few hot pixels do not
+wash the rest out. :func:`overlay` leaves everything below ``threshold`` (0.2) uncoloured,
+so the picture also shows where the evidence is not.
+
+The layer: the last one whose map is at least :data:`MIN_MAP_SIZE` (7) cells on both sides
+at the input size used (:func:`find_spatial_layer`), not simply the last spatial layer. The
+last layer of a network at a small input is tiny (MobileNetV2 at 96 px: 3x3) and, upsampled,
+colours the whole image; at 224 px the two rules mostly agree.
 
 How the activation is reached depends on where the backbone came from:
 
-- **nested Keras backbone** (Keras applications, ``.keras`` files, builders): the last
-  backbone layer with a 4-D output (overridable with ``layer=``). The classifier's
+- **nested Keras backbone** (Keras applications, ``.keras`` files, builders): that
+  backbone layer (overridable with ``layer=``). The classifier's
   forward pass is re-run layer by layer: the layers before ``backbone``, then a
   sub-model of the backbone returning ``(activation, backbone output)``, then the head.
 - **opaque backbone** (:class:`~tlkit.backbones.hub.SavedModelBackbone`, no inner
   layers): Grad-CAM on the backbone's own output when it is spatial, otherwise a
   gradient saliency map (``|d score / d input|``, max over colour channels). The
   :class:`Explanation` says which method was used, and a warning is logged.
-- **models without a ``backbone`` layer**: the last 4-D layer of the model itself.
+- **models without a ``backbone`` layer**: the same choice among the model's own layers.
 
 Audio models (input ``waveform``): :func:`audio_saliency` gives ``|d score / d features|``
 over the output of the layer named ``frontend`` (e.g. a log-mel spectrogram).
@@ -41,6 +50,12 @@ __all__ = ["Explanation", "audio_saliency", "explain_images", "find_spatial_laye
 BACKBONE_LAYER = "backbone"
 LOGITS_LAYER = "logits"
 FRONTEND_LAYER = "frontend"
+MIN_MAP_SIZE = 7
+"""Grad-CAM uses the last layer whose map has at least this many cells on both sides."""
+CAM_PERCENTILE = 99.0
+"""Each map is divided by this percentile of its values (then clipped to [0, 1])."""
+OVERLAY_THRESHOLD = 0.2
+""":func:`overlay` leaves heat below this uncoloured."""
 
 
 @dataclass
@@ -78,10 +93,13 @@ def grad_cam(
         class_index: the class to explain: ``None`` = each image's predicted class, an int
             for all images, or one index per image.
         layer: a backbone layer name (or a layer of the model itself, e.g. ``"backbone"``
-            for its output); default: the backbone's last layer with a 4-D output.
+            for its output); default: the backbone's last layer whose map is at least
+            :data:`MIN_MAP_SIZE` cells on both sides at this input size
+            (:func:`find_spatial_layer`).
 
     Returns:
-        (B, H, W) float32 heatmaps in [0, 1] at the input images' size. For an opaque
+        (B, H, W) float32 heatmaps in [0, 1] at the input images' size, each divided by its
+        :data:`CAM_PERCENTILE` th percentile. For an opaque
         SavedModel backbone with pooled output this is a gradient saliency map instead
         (see :func:`explain_images`, whose result names the method).
     """
@@ -102,7 +120,7 @@ def explain_images(
     if batch.ndim != 4 or batch.shape[-1] != 3:
         raise ConfigError(f"grad_cam takes images shaped (B, H, W, 3) or (H, W, 3), got {batch.shape}")
     targets = _class_targets(class_index, len(batch))
-    explainer = _ImageExplainer(model, layer)
+    explainer = _ImageExplainer(model, layer, tf.convert_to_tensor(batch[:1]))
     maps, classes, probabilities = [], [], []
     for start in range(0, len(batch), batch_size):
         chunk = batch[start : start + batch_size]
@@ -119,35 +137,86 @@ def explain_images(
     )
 
 
-def find_spatial_layer(network: keras.Model) -> str:
-    """The name of the last layer of ``network`` whose output is 4-D (B, h, w, C).
+def find_spatial_layer(network: keras.Model, sample: Any = None, min_size: int = MIN_MAP_SIZE) -> str:
+    """The Grad-CAM layer of ``network``: the last layer with a 4-D (B, h, w, C) output whose
+    map is at least ``min_size`` cells on both sides; when none is, the last of those with
+    the largest map.
+
+    Args:
+        sample: an input batch for ``network``, used to measure the maps when the layers'
+            shapes are not static (a network built for any input size); ``None``: static
+            shapes only (a layer of unknown size counts as large enough).
 
     Raises:
         ConfigError: no layer has a 4-D output.
     """
-    for candidate in reversed(network.layers):
+    sizes = _map_sizes(network, sample)
+    if not sizes:
+        raise ConfigError(
+            f"model {network.name!r} has no layer with a 4-D (spatial) output for Grad-CAM; "
+            "pass layer=<name> or use a backbone with spatial features"
+        )
+    large = [name for name, size in sizes if size >= min_size]
+    if large:
+        return large[-1]
+    biggest = max(size for _, size in sizes)
+    return [name for name, size in sizes if size == biggest][-1]
+
+
+def _map_sizes(network: keras.Model, sample: Any) -> list[tuple[str, float]]:
+    """(layer name, smaller side of its map) of every layer with a 4-D output, in order;
+    ``inf`` for a side that is unknown without ``sample``."""
+    spatial: list[tuple[str, Any]] = []
+    for candidate in network.layers:
         if isinstance(candidate, keras.layers.InputLayer):
             continue
-        try:
-            shape = candidate.output.shape
-        except (AttributeError, ValueError):  # a layer used twice has no single output
-            continue
-        if len(shape) == 4:
-            return candidate.name
-    raise ConfigError(
-        f"model {network.name!r} has no layer with a 4-D (spatial) output for Grad-CAM; "
-        "pass layer=<name> or use a backbone with spatial features"
-    )
+        output = _own_output(network, candidate)
+        if output is not None and len(output.shape) == 4:
+            spatial.append((candidate.name, output))
+    static = all(None not in tuple(out.shape[1:3]) for _, out in spatial)
+    if spatial and not static and sample is not None:
+        inputs = network.inputs[0] if len(network.inputs) == 1 else network.inputs
+        probe = keras.Model(inputs, [out for _, out in spatial], name="map_sizes")
+        shapes = [tuple(value.shape) for value in probe(sample[:1], training=False)]
+        return [(name, float(min(shape[1:3]))) for (name, _), shape in zip(spatial, shapes)]
+    return [(name, float(min(v if v is not None else np.inf for v in out.shape[1:3]))) for name, out in spatial]
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
-    """The heatmap drawn over the image.
+def _own_output(network: keras.Model, layer: keras.layers.Layer) -> Any:
+    """The symbolic output of ``layer`` in ``network``'s own graph (``None`` if it has no single one).
+
+    A layer shared between two graphs (e.g. by :func:`tlkit.layers.with_frozen_batchnorm`,
+    which rebuilds a backbone around the original non-BatchNorm layers) has one output per
+    graph; ``layer.output`` is the first graph's, and a sub-model mixing the two is invalid.
+    """
+    for nodes in getattr(network, "_nodes_by_depth", {}).values():  # Keras's own graph bookkeeping
+        for node in nodes:
+            if node.operation is layer:
+                outputs = node.output_tensors
+                return outputs[0] if len(outputs) == 1 else None
+    try:
+        return layer.output
+    except (AttributeError, ValueError):  # a layer used twice has no single output
+        return None
+
+
+def overlay(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    alpha: float = 0.45,
+    colormap: str = "jet",
+    threshold: float = OVERLAY_THRESHOLD,
+) -> np.ndarray:
+    """The heatmap drawn over the image, on a fixed 0..1 colour scale.
 
     Args:
         image: (H, W, 3) pixels 0..255 (float or uint8).
         heatmap: (h, w) values in [0, 1]; resized (bilinear) to (H, W) when needed.
-        alpha: weight of the heatmap colours.
-        colormap: a matplotlib colormap name.
+        alpha: weight of the heatmap colours where the heat is 1.
+        colormap: a matplotlib colormap name (heat 0 -> its first colour, 1 -> its last).
+        threshold: heat below it is not drawn (the image shows through, so the picture
+            shows where the evidence is not); above it the colour's weight rises from 0 to
+            ``alpha``.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -162,7 +231,8 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, colorma
         resized = tf.image.resize(heat[..., None], pixels.shape[:2], method="bilinear")
         heat = np.clip(resized.numpy()[..., 0], 0.0, 1.0)
     colours = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
-    blended = (1.0 - alpha) * pixels + alpha * colours
+    weight = alpha * np.clip((heat - threshold) / max(1.0 - threshold, 1e-6), 0.0, 1.0)[..., None]
+    blended = (1.0 - weight) * pixels + weight * colours
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
@@ -222,7 +292,7 @@ def audio_saliency(
 class _ImageExplainer:
     """Re-runs a classifier's forward pass so the chosen activation's gradient is reachable."""
 
-    def __init__(self, model: keras.Model, layer: str | None) -> None:
+    def __init__(self, model: keras.Model, layer: str | None, sample: Any = None) -> None:
         self.model = model
         self.layers = _chain(model)
         self.note = ""
@@ -233,12 +303,12 @@ class _ImageExplainer:
         self.flat: keras.Model | None = None
         if backbone is None:
             # Not a tlkit classifier: any functional model, Grad-CAM on its own layers.
-            self.layer_name = layer or find_spatial_layer(model)
+            self.layer_name = layer or find_spatial_layer(model, sample)
             self.method = "grad-cam"
             score_layer = LOGITS_LAYER if LOGITS_LAYER in names else None
-            outputs = [model.get_layer(self.layer_name).output, model.outputs[0]]
+            outputs = [_own_output(model, model.get_layer(self.layer_name)), model.outputs[0]]
             if score_layer is not None:
-                outputs.append(model.get_layer(score_layer).output)
+                outputs.append(_own_output(model, model.get_layer(score_layer)))
             self.flat = keras.Model(model.inputs, outputs, name="grad_cam")
         elif layer == BACKBONE_LAYER or (layer is None and not isinstance(backbone, keras.Model)):
             self.layer_name = BACKBONE_LAYER
@@ -269,8 +339,11 @@ class _ImageExplainer:
                     f"layer={layer!r} is not a layer of backbone {backbone.name!r}; spatial candidates are "
                     f"{_spatial_names(backbone)[-8:]}"
                 )
-            self.layer_name = layer or find_spatial_layer(backbone)
-            target = backbone.get_layer(self.layer_name).output
+            if layer is None:  # measured at the backbone's input for these images
+                inner_sample = None if sample is None else _run(self.layers[: self.backbone_index], sample[:1])
+                layer = find_spatial_layer(backbone, inner_sample)
+            self.layer_name = layer
+            target = _own_output(backbone, backbone.get_layer(self.layer_name))
             if len(target.shape) != 4:
                 raise ConfigError(
                     f"layer {self.layer_name!r} outputs {tuple(target.shape)}, not a 4-D (B, h, w, C) activation"
@@ -338,7 +411,7 @@ class _ImageExplainer:
         weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2), keepdims=True)  # (B, 1, 1, K)
         cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1, keepdims=True))  # (B, h, w, 1)
         cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
-        return _normalise(cam.numpy())
+        return _normalise(cam.numpy(), percentile=CAM_PERCENTILE)
 
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
@@ -408,10 +481,14 @@ def _check_chain(model: keras.Model, x: tf.Tensor, probabilities: Any) -> None:
 
 
 def _normalise(maps: np.ndarray, percentile: float | None = None) -> np.ndarray:
-    """Per-example scaling to [0, 1] by the maximum (or a percentile, for spiky saliency)."""
+    """Per-example scaling to [0, 1] by the maximum, or by a high percentile (clipped above it)
+    so that a few extreme cells do not wash out the rest; the maximum where the percentile is 0
+    (evidence on less than the remaining fraction of the image)."""
     maps = np.nan_to_num(np.asarray(maps, np.float32))
     flat = maps.reshape(len(maps), -1)
-    top = np.percentile(flat, percentile, axis=1) if percentile is not None else flat.max(axis=1)
+    peak = flat.max(axis=1)
+    top = np.percentile(flat, percentile, axis=1) if percentile is not None else peak
+    top = np.where(top > 0, top, peak)
     top = np.where(top > 0, top, 1.0).reshape((-1,) + (1,) * (maps.ndim - 1))
     return np.clip(maps / top, 0.0, 1.0).astype(np.float32)
 
@@ -419,9 +496,7 @@ def _normalise(maps: np.ndarray, percentile: float | None = None) -> np.ndarray:
 def _spatial_names(network: keras.Model) -> list[str]:
     names = []
     for item in network.layers:
-        try:
-            if len(item.output.shape) == 4:
-                names.append(item.name)
-        except (AttributeError, ValueError):
-            continue
+        output = _own_output(network, item)
+        if output is not None and len(output.shape) == 4:
+            names.append(item.name)
     return names

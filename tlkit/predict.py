@@ -37,6 +37,7 @@ from tlkit.artifacts import (
 )
 from tlkit.audio_windows import window_count
 from tlkit.data.audio import clip_samples, fixed_crops, is_audio_file, load_audio
+from tlkit.data.images import decode_rgb
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.rundir import RunDir, takes_waveform
 from tlkit.savedmodel_ops import unsafe_ops
@@ -81,7 +82,7 @@ class KerasPredictor:
         """(B, ...) raw examples of one shape -> (B, C), through one compiled function."""
         if self._batch_fn is None:
             self._batch_fn = compiled_predict(self.model)
-        return np.asarray(self._batch_fn(tf.constant(np.asarray(batch, np.float32))))
+        return np.asarray(self._batch_fn(tf.constant(np.asarray(batch))))  # uint8 pixels or float32 audio
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,17 @@ class FilePrediction:
 
 def load_image(path: str | Path) -> np.ndarray:
     """A file -> (H, W, 3) float32 pixels 0..255 (grayscale and RGBA become RGB)."""
+    return _decode(path).astype(np.float32)
+
+
+def _decode(path: str | Path) -> np.ndarray:
+    """A file -> (H, W, 3) uint8 pixels, decoded as training decodes (``tlkit.data.decode_rgb``:
+    WebP through Pillow). Batches stay uint8 until the model's input casts them (4x less copying)."""
     try:
-        data = tf.io.read_file(str(path))
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image = decode_rgb(tf.io.read_file(str(path)))
     except Exception as exc:  # tf raises several OpError kinds
         raise DataError(f"cannot read image {str(path)!r}: {str(exc).splitlines()[0]}") from exc
-    return image.numpy().astype(np.float32)
+    return image.numpy()
 
 
 def load_predictor(target: str | Path, *, trust: bool = False) -> Predictor:
@@ -246,7 +252,7 @@ def file_rows(
     if contract is None:
         if is_audio_file(path):
             raise DataError(f"{str(path)!r} is an audio file, but the model takes images")
-        return load_image(path)[None], None, None
+        return _decode(path)[None], None, None
     waveform = load_audio(path, contract.sample_rate)
     if not np.isfinite(waveform).all():
         raise DataError(f"audio file {str(path)!r} holds NaN or infinite samples; re-encode it (training skips it too)")

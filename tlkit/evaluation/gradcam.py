@@ -2,7 +2,9 @@
 
 Writes ``evaluation/gradcam/{right,wrong}_NN.png`` (image beside its heatmap overlay) and one
 grid per kind, ``evaluation/gradcam_{right,wrong}.png``; the heatmaps come from
-:func:`tlkit.explain.explain_images`.
+:func:`tlkit.explain.explain_images` (the last layer with a map of at least 7x7 at the run's
+image size) and are drawn on a fixed 0..1 scale (each map over its 99th percentile), left
+uncoloured below 0.2 so the overlay shows where the evidence is not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 from tlkit.data.images import decode_and_resize
 from tlkit.evaluation.mistakes import Outcome
 from tlkit.evaluation.plots import figure, save
-from tlkit.explain import explain_images, overlay
+from tlkit.explain import CAM_PERCENTILE, OVERLAY_THRESHOLD, explain_images, overlay
 
 
 def write_gradcam(
@@ -70,14 +72,15 @@ def write_gradcam(
                 "image": image, "overlay": blended,
             })
         grid = figures / f"gradcam_{kind}.png"
-        _draw_grid(entries, kind, explanation.method, multi_label, grid)
+        _draw_grid(entries, kind, explanation.method, explanation.layer, multi_label, grid)
         written.append(grid)
         info[f"gradcam_{kind}"] = grid
         info["examples"][kind] = [{k: v for k, v in e.items() if k not in ("image", "overlay")} for e in entries]
     return written, info
 
 
-def _draw_grid(entries: list[dict[str, Any]], kind: str, method: str, multi_label: bool, path: Path) -> None:
+def _draw_grid(entries: list[dict[str, Any]], kind: str, method: str, layer: str | None, multi_label: bool,
+               path: Path) -> None:
     columns = min(len(entries), 3)
     rows = math.ceil(len(entries) / columns)
     fig = figure(4.4 * columns, 2.9 * rows + 0.4)
@@ -90,6 +93,8 @@ def _draw_grid(entries: list[dict[str, Any]], kind: str, method: str, multi_labe
                      fontsize=8)
         ax.axis("off")
     label = "most confident correct predictions" if kind == "right" else "most confident mistakes"
-    fig.suptitle(f"{method}: {label} (left: image, right: heatmap)", fontsize=10)
+    where = f" of {layer}" if layer else ""
+    fig.suptitle(f"{method}{where}: {label}\n(left: image; right: heat over its {CAM_PERCENTILE:g}th percentile, "
+                 f"blue 0 to red 1, uncoloured below {OVERLAY_THRESHOLD:g})", fontsize=9)
     fig.tight_layout()
     save(fig, path)

@@ -10,6 +10,7 @@
         model_dynamic.tflite                TFLite, dynamic-range (int8 weights, float activations)
         model_int8.tflite                   TFLite, full-integer int8 (calibrated on training data)
                                             (both int8 variants bias-corrected, see tlkit.export.quantize)
+        model.onnx                          ONNX, float32 (optional extra tlkit[onnx]; image runs)
         labels.txt                          class names, one a line, in output order
         metadata.json                       labels, input contract per artifact, parity, versions, source run
         export_report.json                  the parity table (also returned as :class:`ExportReport`)
@@ -20,6 +21,14 @@ record in a registry (:func:`list_formats`, :func:`get_format`, :func:`register_
 the input contract of each is in its module's docstring (:mod:`tlkit.export.savedmodel`,
 :mod:`tlkit.export.keras_file`, :mod:`tlkit.export.tflite`) and in ``metadata.json``.
 Reading an export back (predictors, file names) is :mod:`tlkit.artifacts`.
+
+A default export builds every format whose record applies to the run (``applies_to``;
+the reasons for the others are in ``report.skipped``). A format that fails, by a
+conversion error or a parity miss, is left out of the version and named in
+``report.failed``; the others are still written (``strict=True``: all or nothing). Audio
+artifacts score a whole clip as the run does, by the window contract of
+:mod:`tlkit.audio_windows` recorded in ``metadata.json`` (the SavedModel cuts the windows
+inside its serving function), and parity compares them with the run's own clip scores.
 
 Modules: ``formats`` (the record and the registry), ``source`` (the run, read through
 :class:`tlkit.rundir.RunDir`), ``savedmodel`` / ``keras_file`` / ``tflite`` (the built-in
@@ -40,13 +49,14 @@ from tlkit.export.formats import (
     unregister_format,
 )
 from tlkit.export.keras_file import KERAS
+from tlkit.export.onnx_format import ONNX
 from tlkit.export.report import ExportReport, FormatResult
 from tlkit.export.runner import export_run
 from tlkit.export.savedmodel import SAVEDMODEL
 from tlkit.export.source import ExportSource
 from tlkit.export.tflite import TFLITE_FORMATS
 
-for _fmt in (SAVEDMODEL, KERAS, *TFLITE_FORMATS):
+for _fmt in (SAVEDMODEL, KERAS, *TFLITE_FORMATS, ONNX):
     register_format(_fmt, overwrite=True)
 
 __all__ = [

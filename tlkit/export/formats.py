@@ -79,8 +79,10 @@ class ExportFormat:
         quantization: what the format does to the weights, in words ("" when nothing).
         write: see :data:`WriteFn`.
         reload: see :data:`ReloadFn`.
-        applies_to: whether a run can be exported in this format (else it is skipped).
+        applies_to: whether a run can be exported in this format (else it is skipped; a
+            default export builds only the formats that apply).
         not_applicable: the reason given when ``applies_to`` says no.
+        why_not: the reason for this run, when it depends on the run (replaces ``not_applicable``).
         size: bytes the artifact takes on disk, given ``directory / file``.
         options: format-specific parameters its ``write`` reads (e.g. TFLite converter settings).
     """
@@ -93,6 +95,7 @@ class ExportFormat:
     reload: ReloadFn
     applies_to: Callable[[ExportSource], bool] = always
     not_applicable: str = ""
+    why_not: Callable[[ExportSource], str] | None = None
     size: Callable[[Path], int] = file_size
     options: Any = None
 

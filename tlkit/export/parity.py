@@ -1,4 +1,13 @@
-"""Parity: a written artifact, reloaded as a user would, against the run's Keras model."""
+"""Parity: a written artifact, reloaded as a user would, against the run's Keras model.
+
+Each artifact gets what a user of it would give it: whole raw held-out examples (an image
+of any size, a whole clip). Images are compared with the Keras model on the input the
+artifact really sees (``predictor.prepare``, e.g. resized for TFLite). Clips are compared
+with the run's own clip-level scoring, the mean over the windows of
+:class:`tlkit.audio_windows.ClipWindows` computed by :func:`tlkit.data.audio.predict_clips`
+(what ``tlkit predict RUN`` and the run's evaluation do), so an artifact that hears the
+clip differently from the run fails here instead of in the field.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.artifacts import METADATA_FILE
+from tlkit.artifacts import METADATA_FILE, compiled_predict
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportFormat
 from tlkit.export.report import FormatResult
@@ -29,9 +38,9 @@ def verify(
     """Reloads ``directory / fmt.file``, runs it on the parity examples, compares with the Keras model.
 
     Args:
-        examples: raw held-out examples (any size).
-        references: Keras probabilities already computed, by the digest of the inputs the
-            artifact saw (shared between formats that see the same inputs).
+        examples: raw held-out examples (any size; whole clips for audio).
+        references: reference probabilities already computed, by the digest of the inputs
+            the artifact saw (shared between formats that see the same inputs).
         threshold: the top-1 agreement the artifact must reach.
         info: the format's metadata entry (written beside the artifact for the reload).
 
@@ -42,18 +51,13 @@ def verify(
         ExportError: the reloaded artifact has other labels, or returns another shape or
             non-finite probabilities.
     """
-    # Labels for the reload come from the files beside the artifact, as a user's would.
-    write_json(directory / METADATA_FILE, {"labels": source.labels, "artifacts": {fmt.name: info}})
+    # Labels and the window contract come from the files beside the artifact, as a user's would.
+    write_json(directory / METADATA_FILE, {**source.contract_metadata(), "artifacts": {fmt.name: info}})
     path = directory / fmt.file
     predictor = fmt.reload(fmt, path, source)
     if list(predictor.labels) != source.labels:
         raise ExportError(f"reloaded labels {predictor.labels} differ from the run's {source.labels}")
-    prepare = getattr(predictor, "prepare", None) or (lambda x: x)
-    seen = [np.asarray(prepare(x), np.float32) for x in examples]
-    key = _digest(seen)
-    if key not in references:
-        references[key] = [keras_probabilities(source.model, x) for x in seen]
-    want = np.stack(references[key])
+    want = np.stack(_references(source, predictor, examples, references))
     predictor.predict_one(examples[0])  # warm-up, not timed
     got, times = [], []
     for example in examples:
@@ -96,6 +100,25 @@ def disagreement_note(want: np.ndarray, have: np.ndarray) -> str:
         f"{flipped.size} disagreement(s) where the Keras top-1 probability led the runner-up by {shown}{more} "
         f"(median lead over all {len(lead)} examples {float(np.median(lead)):.3f})"
     )
+
+
+def _references(source: ExportSource, predictor: Any, examples: list[np.ndarray],
+                references: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+    """What the run gives for each example: clip-level scores (audio) or the Keras model on the
+    input the artifact sees (images)."""
+    windows = source.windows
+    if windows is not None:
+        key = "clips:" + _digest(examples)
+        if key not in references:
+            predict = compiled_predict(source.model)
+            references[key] = [windows.score(lambda rows: predict(np.asarray(rows, np.float32)), x) for x in examples]
+        return references[key]
+    prepare = getattr(predictor, "prepare", None) or (lambda x: x)
+    seen = [np.asarray(prepare(x), np.float32) for x in examples]
+    key = _digest(seen)
+    if key not in references:
+        references[key] = [keras_probabilities(source.model, x) for x in seen]
+    return references[key]
 
 
 def keras_probabilities(model: Any, example: np.ndarray) -> np.ndarray:

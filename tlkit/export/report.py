@@ -47,8 +47,11 @@ class ExportReport:
         name: the model name (the run's ``name``).
         version: the version number written (or that would have been written, on failure).
         out_dir: the version directory (it exists only when the export succeeded).
-        results: one :class:`FormatResult` per exported format, in build order.
-        skipped: formats not exported, with the reason.
+        results: one :class:`FormatResult` per format that was written and checked, in build
+            order (a format that missed its threshold is here with ``passed=False``).
+        skipped: formats not exported because they do not apply to the run, with the reason.
+        failed: formats that were tried and are not in the version (conversion error or
+            parity miss), each with a one-line reason; the others were still written.
         parity_split: where the parity examples came from (``"val+test"`` normally).
         calibration_samples: training examples used to calibrate the int8 model and to
             bias-correct the quantized formats (0: none).
@@ -64,6 +67,7 @@ class ExportReport:
     out_dir: str
     results: list[FormatResult] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
     parity_split: str = ""
     calibration_samples: int = 0
     tflite_runtime: str = ""
@@ -73,7 +77,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """Every format that was tried is in the version."""
+        return not self.failed and all(r.passed for r in self.results)
 
     def result(self, fmt: str) -> FormatResult:
         """The result of one format (KeyError when it was not exported)."""
@@ -100,6 +105,8 @@ class ExportReport:
         )
         for fmt, reason in self.skipped.items():
             text += f"\nskipped {fmt}: {reason}"
+        for fmt, reason in self.failed.items():
+            text += f"\nfailed {fmt}: {reason}"
         for note in self.notes:
             text += f"\nnote: {note}"
         return text

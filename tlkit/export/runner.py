@@ -1,10 +1,14 @@
 """``export_run``: every requested format written, verified, and committed as one new version.
 
-Everything is built in a hidden sibling directory (``.tmp-export-<host>-<pid>-<id>``) and
-renamed into place only after every artifact has been reloaded and has matched the Keras
-model on held-out examples; a failed export leaves no version directory behind and an
-existing version is never overwritten. Temporary directories left by interrupted exports
-(their process gone, or untouched for an hour) are removed by the next export.
+Everything is built in a hidden sibling directory (``.tmp-export-<host>-<pid>-<id>``), each
+format in its own scratch folder inside it, and renamed into place only after the
+artifacts have been reloaded and checked against the run on held-out examples. A format
+that fails (its conversion raises, or it misses its agreement threshold) is left out and
+named with its reason in :attr:`ExportReport.failed`; the formats that passed are still
+written (``strict=True``: any failure writes nothing). An export in which nothing passed
+leaves no version directory behind, and an existing version is never overwritten.
+Temporary directories left by interrupted exports (their process gone, or untouched for an
+hour) are removed by the next export.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from tlkit.artifacts import LABELS_FILE, METADATA_FILE, REPORT_FILE
 from tlkit.errors import ConfigError, ExportError, TlkitError
 from tlkit.export.formats import FORMATS, ExportContext, ExportFormat, get_format
+from tlkit.export.model_card import write_model_card
 from tlkit.export.parity import verify
 from tlkit.export.report import ExportReport
 from tlkit.export.source import (
@@ -58,14 +63,16 @@ def export_run(
     int8_io: bool = False,
     representative_data: RepresentativeData | None = None,
     bias_correction: bool = True,
+    strict: bool = False,
 ) -> ExportReport:
     """Exports a finished run in several formats, verifies each, and writes a new version.
 
     Args:
         run_dir: a finished run directory (read through :class:`tlkit.rundir.RunDir`).
         formats: registered format names (a list or a comma-separated string); ``None``
-            exports every format that applies (``keras`` is skipped for models whose
-            backbone is a SavedModel layer, which cannot load in safe mode).
+            exports every format that applies to the run (``keras`` is skipped for models
+            whose backbone is a SavedModel layer, which cannot load in safe mode; the TFLite
+            formats for ops TFLite cannot convert; the reasons are in ``report.skipped``).
         out: the directory holding the version folders; default ``saved_models/<name>``
             (relative to the working directory) with ``<name>`` the run's name.
         calibration_samples: training examples used to calibrate the int8 model.
@@ -82,13 +89,19 @@ def export_run(
             Dense layer by the mean error its int8-rounded weights cause on the
             calibration examples (see :mod:`tlkit.export.quantize`). The Keras model itself
             is left unchanged. ``False`` converts the weights as they are.
+        strict: any failed format fails the whole export (nothing is written) instead of
+            being left out of the version.
 
     Returns:
-        An :class:`ExportReport`; the artifacts are in ``report.out_dir``.
+        An :class:`ExportReport`; the artifacts are in ``report.out_dir``. When some formats
+        failed, ``report.failed`` names them with a one-line reason and ``report.passed``
+        is false; the version holds the formats that passed.
 
     Raises:
-        ExportError: a conversion failed, or an artifact's top-1 agreement with the
-            Keras model is below its threshold. Nothing is left on disk in that case.
+        ExportError: no format passed, or (``strict``) any format failed: a conversion
+            error, or an artifact's top-1 agreement with the run below its threshold.
+            Nothing is left on disk in that case. Also a ``representative_data`` example of
+            the wrong shape (checked before anything is built).
         ConfigError: ``run_dir`` is not a finished run, or a format name is unknown.
     """
     if calibration_samples < 1 or parity_samples < 1:
@@ -98,6 +111,10 @@ def export_run(
     source = load_source(run_dir)
     wanted, skipped = _resolve_formats(formats, source)
     thresholds = _thresholds(min_agreement)
+    given: list[np.ndarray] | None = None
+    if representative_data is not None:  # the caller's examples: a wrong shape is their error, found first
+        given = [np.asarray(x, np.float32) for x in representative_data]
+        check_calibration(given, source.fixed_shape)
     base = (Path(out) if out is not None else Path("saved_models") / safe_name(source.name)).absolute()
     made_base = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
@@ -123,10 +140,7 @@ def export_run(
         def calibration() -> list[np.ndarray]:
             """The calibration examples, read once and shared by every quantized format."""
             if not cached:
-                if representative_data is not None:
-                    examples = [np.asarray(x, np.float32) for x in representative_data]
-                else:
-                    examples = calibration_examples(source, calibration_samples)
+                examples = given if given is not None else calibration_examples(source, calibration_samples)
                 check_calibration(examples, source.fixed_shape)
                 cached.append(examples)
                 report.calibration_samples = len(examples)
@@ -134,18 +148,23 @@ def export_run(
 
         context = ExportContext(calibration, int8_io=int8_io, bias_correction=bias_correction)
         failures, below_threshold = _build_all(wanted, source, tmp, context, parity, thresholds, report, meta)
-        if failures:
+        report.failed = {name: _one_line(text) for name, text in failures.items()}
+        if failures and (strict or not meta["artifacts"]):
             table = report.table() if report.results else "(no artifact was verified)"
             hint = (
                 "\nIf the measured agreement is acceptable, lower the threshold with --min-agreement FORMAT=VALUE."
                 if below_threshold else ""
             )
+            why = " (--strict: every format must pass)" if strict and meta["artifacts"] else ""
             raise ExportError(
-                f"export of run {str(source.run.path)!r} failed; nothing was written to {str(base)!r}:\n  "
-                + "\n  ".join(failures) + f"\n{table}{hint}"
+                f"export of run {str(source.run.path)!r} failed{why}; nothing was written to {str(base)!r}:\n  "
+                + "\n  ".join(f"{name}: {text}" for name, text in failures.items()) + f"\n{table}{hint}"
             )
+        if report.failed:
+            meta["failed"] = report.failed
         meta["notes"] = report.notes
         write_json(tmp / METADATA_FILE, meta)
+        write_model_card(source, report, tmp)  # model_card.md: data, metrics, baselines, parity (Hub layout)
         report.out_dir = str(_commit(tmp, base, report))
         return report
     finally:
@@ -165,20 +184,25 @@ def _build_all(
     thresholds: dict[str, float],
     report: ExportReport,
     meta: dict[str, Any],
-) -> tuple[list[str], bool]:
-    """Writes and verifies each format into ``tmp``; returns the failures and whether any was a parity miss."""
+) -> tuple[dict[str, str], bool]:
+    """Writes and verifies each format in a scratch folder of ``tmp`` and moves the ones that
+    pass into ``tmp``; returns the failures (format -> reason) and whether any was a parity miss."""
     references: dict[str, list[np.ndarray]] = {}
-    failures: list[str] = []
+    failures: dict[str, str] = {}
     below_threshold = False
     for fmt in wanted:
+        stage = tmp / f".build-{safe_name(fmt.name)}"
+        stage.mkdir()
         try:
-            info = {"path": fmt.file, **fmt.write(fmt, source, tmp, context)}
-            result, runtime = verify(fmt, tmp, source, parity, references, thresholds[fmt.name], info)
+            info = {"path": fmt.file, **fmt.write(fmt, source, stage, context)}
+            result, runtime = verify(fmt, stage, source, parity, references, thresholds[fmt.name], info)
         except TlkitError as exc:
-            failures.append(f"{fmt.name}: {exc}")
+            failures[fmt.name] = str(exc)
+            shutil.rmtree(stage, ignore_errors=True)
             continue
         except Exception as exc:  # converters raise many kinds; report them all as one
-            failures.append(f"{fmt.name}: {type(exc).__name__}: {first_line(exc)}")
+            failures[fmt.name] = f"{type(exc).__name__}: {first_line(exc)}"
+            shutil.rmtree(stage, ignore_errors=True)
             continue
         if runtime:
             report.tflite_runtime = runtime
@@ -188,16 +212,28 @@ def _build_all(
             "samples": result.samples, "split": report.parity_split, "latency_ms": result.latency_ms,
             "min_agreement": result.min_agreement,
         }
-        meta["artifacts"][fmt.name] = info
         if not result.passed:
             below_threshold = True
             lead = next((n for n in result.notes.split("; ") if "disagreement" in n), "")
-            failures.append(
-                f"{fmt.name}: top-1 agreement {result.top1_agreement:.3f} with the Keras model is below "
+            failures[fmt.name] = (
+                f"top-1 agreement {result.top1_agreement:.3f} with the Keras model is below "
                 f"{result.min_agreement:.3f} (max |dp| {result.max_abs_diff:.3g}, {result.samples} examples)"
                 + (f"\n    {lead}" if lead else "")
             )
+            shutil.rmtree(stage, ignore_errors=True)
+            continue
+        meta["artifacts"][fmt.name] = info
+        for part in stage.iterdir():
+            if part.name != METADATA_FILE:  # the reload's own metadata; the version gets the full one
+                os.replace(part, tmp / part.name)
+        shutil.rmtree(stage, ignore_errors=True)
     return failures, below_threshold
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first line of a failure, cut to ``limit`` characters (converter errors run to pages)."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def remove_stale_temporaries(base: Path, *, now: float | None = None) -> list[str]:
@@ -285,7 +321,8 @@ def _resolve_formats(formats: Sequence[str] | str | None, source: ExportSource) 
         if fmt.applies_to(source):
             wanted.append(fmt)
         else:
-            skipped[name] = fmt.not_applicable or "does not apply to this run"
+            why = fmt.why_not(source) if fmt.why_not is not None else ""
+            skipped[name] = why or fmt.not_applicable or "does not apply to this run"
     return wanted, skipped
 
 
@@ -307,8 +344,7 @@ def _thresholds(min_agreement: float | Mapping[str, float] | None) -> dict[str, 
 def _base_metadata(source: ExportSource, report: ExportReport) -> dict[str, Any]:
     return {
         "name": source.name,
-        "labels": source.labels,
-        "modality": source.modality,
+        **source.contract_metadata(),  # labels, modality, sample_rate and, for audio, audio_windows
         "created": report.created,
         "source_run": {
             "path": report.run_dir,
@@ -318,7 +354,6 @@ def _base_metadata(source: ExportSource, report: ExportReport) -> dict[str, Any]
             "test_metrics": source.status.get("test_metrics", {}),
             "multi_label": source.multi_label,
         },
-        "sample_rate": source.sample_rate,
         "artifacts": {},
         "versions": report.versions,
     }

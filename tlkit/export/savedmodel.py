@@ -1,9 +1,15 @@
 """The ``savedmodel`` format: the version directory itself, for TensorFlow Serving.
 
-Signature ``serving_default``: ``image`` uint8 (B, H, W, 3) RGB of any H, W, or for audio
-models ``waveform`` float32 (B, samples) in -1..1 at the model's sample rate. Outputs
-``probabilities`` float32 (B, C), ``labels`` string (B, k) and ``scores`` float32 (B, k),
-the top k = min(5, C) classes, best first.
+Signature ``serving_default``: ``image`` uint8 (B, H, W, C) of any H, W with C = 1 (grey),
+2 (grey + alpha), 3 (RGB) or 4 (RGBA), made RGB inside the function as ``tlkit predict``
+decodes files (alpha dropped, grey repeated); or for audio models ``waveform`` float32
+(B, samples) in -1..1 at the model's sample rate, of any length: the function scores each
+clip as the run does, the mean probabilities over ``max(eval_crops, ceil(samples /
+clip_samples))`` evenly spaced windows of the training crop (:mod:`tlkit.audio_windows`;
+recorded in ``metadata.json`` under ``audio_windows``), so a clip longer than the encoder
+takes (Whisper: 30 s) is scored whole. Outputs ``probabilities`` float32 (B, C),
+``labels`` string (B, k) and ``scores`` float32 (B, k), the top k = min(5, C) classes,
+best first.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from tlkit.artifacts import (
     SavedModelPredictor,
     labels_beside,
 )
+from tlkit.audio_windows import tf_score_windows
 from tlkit.export.formats import ExportContext, ExportFormat
 from tlkit.export.source import ExportSource
 
@@ -33,9 +40,12 @@ def write_savedmodel(fmt: ExportFormat, source: ExportSource, directory: Path, c
     module = _serving_module(source)
     tf.saved_model.save(module, str(directory / fmt.file), signatures={SIGNATURE: module.serve})
     k = min(MAX_TOP_K, len(source.labels))
+    spec = source.raw_input_spec("uint8", any_channels=True)
+    if source.windows is not None:
+        spec["windows"] = "cut and averaged inside the serving function (see audio_windows)"
     return {
         "signature": SIGNATURE,
-        "input": source.raw_input_spec("uint8"),
+        "input": spec,
         "outputs": {
             "probabilities": {"dtype": "float32", "shape": [None, len(source.labels)]},
             "labels": {"dtype": "string", "shape": [None, k], "meaning": f"top {k} class names, best first"},
@@ -45,7 +55,8 @@ def write_savedmodel(fmt: ExportFormat, source: ExportSource, directory: Path, c
 
 
 def reload_savedmodel(fmt: ExportFormat, path: Path, source: ExportSource) -> SavedModelPredictor:
-    return SavedModelPredictor(str(path), labels_beside(path / SAVED_MODEL_FILE), input_name=source.input_name)
+    return SavedModelPredictor(str(path), labels_beside(path / SAVED_MODEL_FILE), input_name=source.input_name,
+                               windows=source.windows)
 
 
 def savedmodel_size(path: Path) -> int:
@@ -59,12 +70,25 @@ def savedmodel_size(path: Path) -> int:
     return total
 
 
+def to_rgb(images: tf.Tensor) -> tf.Tensor:
+    """(B, H, W, C) with C in 1..4 -> (B, H, W, 3): grey repeated, alpha dropped (as
+    ``tf.io.decode_image(channels=3)`` does for files); other C fail with a clear message."""
+    channels = tf.shape(images)[-1]
+    check = tf.debugging.assert_less_equal(
+        channels, 4, message="the image needs 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) channels"
+    )
+    with tf.control_dependencies([check]):
+        rgb = tf.cond(channels < 3, lambda: tf.image.grayscale_to_rgb(images[..., :1]), lambda: images[..., :3])
+    return tf.ensure_shape(rgb, [None, None, None, 3])
+
+
 def _serving_module(source: ExportSource) -> tf.Module:
     """A ``tf.Module`` whose ``serve`` takes raw input and returns probabilities and top labels."""
     model = source.model
     k = min(MAX_TOP_K, len(source.labels))
+    windows = source.windows
     if source.modality == "image":
-        spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")
+        spec = tf.TensorSpec([None, None, None, None], tf.uint8, name="image")
     else:
         spec = tf.TensorSpec([None, None], tf.float32, name="waveform")
 
@@ -79,7 +103,13 @@ def _serving_module(source: ExportSource) -> tf.Module:
 
         @tf.function(input_signature=[spec])
         def serve(self, raw: tf.Tensor) -> dict[str, tf.Tensor]:
-            probabilities = self.model(tf.cast(raw, tf.float32), training=False)
+            if source.modality == "image":
+                probabilities = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
+            elif windows is not None:
+                probabilities = tf_score_windows(lambda x: self.model(x, training=False), raw,
+                                                 windows.clip_samples, windows.crops)
+            else:
+                probabilities = self.model(raw, training=False)
             scores, indices = tf.math.top_k(probabilities, k=k)
             return {"probabilities": probabilities, "labels": tf.gather(self.label_names, indices), "scores": scores}
 

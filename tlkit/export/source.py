@@ -10,6 +10,7 @@ import numpy as np
 from keras.layers import TFSMLayer
 
 from tlkit.artifacts import fit_fixed
+from tlkit.audio_windows import METADATA_KEY, ClipWindows
 from tlkit.data.audio import load_audio
 from tlkit.data.images import Example
 from tlkit.errors import ExportError
@@ -58,9 +59,34 @@ class ExportSource:
     def sample_rate(self) -> int | None:
         return self.contract.sample_rate if self.contract.is_audio else None
 
-    def raw_input_spec(self, image_dtype: str) -> dict[str, Any]:
-        """The ``metadata.json`` input entry of a format that takes raw, any-size input."""
+    @property
+    def windows(self) -> ClipWindows | None:
+        """How the run scores a whole clip (audio; see :mod:`tlkit.audio_windows`), else ``None``."""
+        if not self.contract.is_audio or not self.contract.clip_samples:
+            return None
+        return ClipWindows(int(self.contract.sample_rate or 0), int(self.contract.clip_samples),
+                           max(1, int(self.contract.eval_crops)))
+
+    def contract_metadata(self) -> dict[str, Any]:
+        """The ``metadata.json`` keys every artifact's reader needs: labels, modality, sample rate
+        and, for audio, the window contract (under :data:`tlkit.audio_windows.METADATA_KEY`)."""
+        entry: dict[str, Any] = {"labels": self.labels, "modality": self.modality, "sample_rate": self.sample_rate}
+        if self.windows is not None:
+            entry[METADATA_KEY] = self.windows.to_metadata()
+        return entry
+
+    def raw_input_spec(self, image_dtype: str, any_channels: bool = False) -> dict[str, Any]:
+        """The ``metadata.json`` input entry of a format that takes raw, any-size input.
+
+        ``any_channels``: images may have 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)
+        channels, made RGB inside the model (the SavedModel's serving function).
+        """
         if self.modality == "image":
+            if any_channels:
+                return {"name": "image", "dtype": image_dtype, "shape": [None, None, None, None], "range": [0, 255],
+                        "channels": [1, 2, 3, 4],
+                        "layout": "channels last: grey, grey+alpha, RGB or RGBA (alpha dropped, grey repeated), "
+                                  "any height and width (resized inside the model)"}
             return {"name": "image", "dtype": image_dtype, "shape": [None, None, None, 3], "range": [0, 255],
                     "layout": "RGB, channels last, any height and width (resized inside the model)"}
         return {"name": "waveform", "dtype": "float32", "shape": [None, None], "range": [-1.0, 1.0],

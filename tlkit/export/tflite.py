@@ -3,10 +3,18 @@
 Input: a fixed input of one example at the run's ``image_size``: float32 (1, H, W, 3)
 pixels 0..255 (resize first; :class:`tlkit.artifacts.TFLitePredictor` does it with the same
 bilinear resize the Keras model uses), or (1, samples) for audio with
-``samples = clip_seconds * sample_rate``. Float input was chosen over uint8 so that every
+``samples = clip_seconds * sample_rate``: one window. A whole clip is scored as the run
+scores it, the mean over ``max(eval_crops, ceil(samples / clip_samples))`` evenly spaced
+windows, as ``metadata.json``'s ``audio_windows`` says (:class:`tlkit.artifacts.TFLitePredictor`
+and ``tlkit predict`` do it). Float input was chosen over uint8 so that every
 TFLite variant takes the same tensor as the Keras model; with ``int8_io`` the int8 model
 takes and returns int8 tensors instead, quantized with the scale and zero point written
 to ``metadata.json``.
+
+Audio front-ends convert because :class:`tlkit.frontends.LogMelSpectrogram` computes its
+STFT as a DFT-matrix product by default; a front-end built with ``dft="fft"`` and an
+``n_fft`` that is not a power of two becomes ``RFFT2D``, which TFLite cannot prepare, so
+the TFLite formats do not apply to it (:func:`tflite_blocker` says why).
 """
 
 from __future__ import annotations
@@ -28,11 +36,15 @@ from tlkit.artifacts import (
     TFLitePredictor,
     labels_beside,
     make_interpreter,
+    metadata_beside,
 )
+from tlkit.audio_windows import ClipWindows
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportContext, ExportFormat
 from tlkit.export.quantize import applied, bias_corrections
 from tlkit.export.source import ExportSource
+from tlkit.frontends import LogMelSpectrogram
+from tlkit.rundir import all_layers
 from tlkit.text import first_line
 
 try:
@@ -93,7 +105,24 @@ def write_tflite(fmt: ExportFormat, source: ExportSource, directory: Path, conte
 
 
 def reload_tflite(fmt: ExportFormat, path: Path, source: ExportSource) -> TFLitePredictor:
-    return TFLitePredictor(str(path), labels_beside(path))
+    return TFLitePredictor(str(path), labels_beside(path), windows=ClipWindows.from_metadata(metadata_beside(path)))
+
+
+def tflite_blocker(source: ExportSource) -> str:
+    """Why the run's model cannot become a TFLite file ("" when nothing known stops it)."""
+    for layer in all_layers(source.model):
+        if isinstance(layer, LogMelSpectrogram) and layer.dft == "fft" and layer.n_fft & (layer.n_fft - 1):
+            return (
+                f"the log-mel front-end {layer.name!r} computes its STFT with an FFT of n_fft={layer.n_fft}, "
+                "which TFLite converts to RFFT2D and only prepares for power-of-two lengths; rebuild the "
+                "front-end with dft='matmul' (the default) or a power-of-two n_fft"
+            )
+    return ""
+
+
+def converts_to_tflite(source: ExportSource) -> bool:
+    """``applies_to`` of the TFLite formats (see :func:`tflite_blocker`)."""
+    return not tflite_blocker(source)
 
 
 def _convert(source: ExportSource, options: TFLiteOptions, calibration: list[np.ndarray] | None,
@@ -158,7 +187,9 @@ def _tflite_io(path: Path, source: ExportSource) -> dict[str, Any]:
             spec["range"] = [0, 255] if source.modality == "image" else [-1.0, 1.0]
             spec["layout"] = (
                 "RGB, channels last, resized to this size (bilinear, as keras.layers.Resizing)"
-                if source.modality == "image" else f"mono, {source.sample_rate} Hz, centre crop or centred zero-padding"
+                if source.modality == "image" else
+                f"mono, {source.sample_rate} Hz, one window; score a clip as the mean over the windows "
+                "that metadata.json's audio_windows describes"
             )
         if dtype.startswith(("int", "uint")):
             scale, zero_point = details["quantization"]
@@ -170,7 +201,8 @@ def _tflite_io(path: Path, source: ExportSource) -> dict[str, Any]:
 
 def _tflite(name: str, file: str, min_agreement: float, quantization: str, options: TFLiteOptions) -> ExportFormat:
     return ExportFormat(name=name, file=file, min_agreement=min_agreement, quantization=quantization,
-                        write=write_tflite, reload=reload_tflite, options=options)
+                        write=write_tflite, reload=reload_tflite, options=options, applies_to=converts_to_tflite,
+                        not_applicable="the model holds an op TFLite cannot convert", why_not=tflite_blocker)
 
 
 # The dynamic-range quantizer leaves weight tensors under 1024 elements in float; the
