@@ -26,15 +26,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tlkit.data.audio import fixed_crops, predict_clips
+from tlkit.data.audio import fixed_crops, predict_clips, window_count
 
 METADATA_KEY = "audio_windows"
 """The ``metadata.json`` key holding the contract (:meth:`ClipWindows.to_metadata`)."""
-
-
-def window_count(samples: int, length: int, crops: int) -> int:
-    """Windows that score a clip of ``samples``: ``crops``, or ``ceil(samples / length)`` when more."""
-    return max(int(crops), -(-int(samples) // max(1, int(length))))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ Example (TOML)::
     target = "data/hospital_b"
     method = "dann"                 # "coral", "dann", "reweight", "adabn" or "none"
     weight = 1.0
+
+    [card]                          # optional: what the exported model_card.md says the model is for
+    intended_use = "Sorting flower photos for a garden app; not for identifying toxic plants."
+    limitations = "Trained on daylight photos of 5 species; other species get one of the 5 labels."
 """
 
 from __future__ import annotations
@@ -148,6 +152,18 @@ class AdaptationConfig:
 
 
 @dataclass(frozen=True)
+class CardConfig:
+    """``[card]``: the intended use and the limitations the exported model card states
+    (``model_card.md``, :mod:`tlkit.export.model_card`); free text, ``None`` when not declared."""
+
+    intended_use: str | None = None
+    limitations: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "card")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything ``tlkit train`` needs. ``source`` is the config file it came from."""
 
@@ -160,6 +176,7 @@ class RunConfig:
     schedule: Schedule = field(default_factory=Schedule.fine_tune)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     seed: int = 0
     source: str | None = None
 
@@ -254,8 +271,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
     """Builds a :class:`RunConfig`; relative paths are resolved against ``base_dir``."""
     raw = dict(raw)
     base = Path(base_dir)
-    allowed = {"name", "output_dir", "data", "backbone", "head", "augmentation", "schedule", "training", "adaptation", "seed",
-               "source"}
+    allowed = {"name", "output_dir", "data", "backbone", "head", "augmentation", "schedule", "training", "adaptation", "card",
+               "seed", "source"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(allowed)}")
@@ -291,6 +308,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
         schedule=_schedule(raw.get("schedule")),
         training=_build(TrainingConfig, raw.get("training"), "training"),
         adaptation=_build(AdaptationConfig, _adaptation(raw.get("adaptation"), base), "adaptation"),
+        card=_build(CardConfig, raw.get("card"), "card"),
         seed=top.get("seed", 0),
         source=source,
     )

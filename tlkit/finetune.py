@@ -341,7 +341,8 @@ def _run_stage(
         fit_model.compile(optimizer=_stage_optimizer(stage, steps, model, thawed), loss=loss, metrics=metrics,
                           jit_compile=jit_compile)
     fit_model._initial_epoch = None  # never inherit a previous fit's resume point (Keras keeps it)
-    resumed = restore_backup(fit_model, stage_dir, prefix) if stage_dir is not None else None
+    with strategy.scope():  # restoring builds the optimizer's slots: they must belong to the strategy
+        resumed = restore_backup(fit_model, stage_dir, prefix) if stage_dir is not None else None
     initial = resumed.epoch if resumed else 0
     records[:] = [r for r in records if r["stage"] != stage.name or r["stage_epoch"] <= initial]
     _print(
@@ -403,7 +404,15 @@ def _seed(data: Any) -> int:
 
 
 def _batched(data: Any) -> Any:
-    return data.batched() if isinstance(data, Batches) else data
+    data = data.batched() if isinstance(data, Batches) else data
+    if isinstance(data, tf.data.Dataset) and (
+            data.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.AUTO):
+        # Multi-worker: tlkit's pipelines read from in-memory tensors (paths, cached features), not from
+        # files, so AUTO's FILE sharding cannot apply; DATA: every worker keeps its share of each batch.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        data = data.with_options(options)
+    return data
 
 
 def _keras_verbose(verbose: int | str) -> int | str:

@@ -64,11 +64,34 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _MultiWorkerStrategy()
     if kind == "one_device":
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     raise ConfigError(f"unknown distribution strategy {kind!r}")
+
+
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes what Keras 3's ``fit`` hands it.
+
+    Keras 3 (3.15, keras-team/keras#20585) calls ``strategy.reduce`` on a whole ``(x, y)`` batch
+    structure (its symbolic build, which needs only the shapes) and with ``axis=0`` on scalar
+    metric values; the collective strategy reduces one value at a time, only in float and int32/64,
+    and has no axis 0 on a scalar, so ``fit`` fails on the first batch. Here each value is reduced
+    alone, scalars across replicas; a batch of uint8 pixels (no collective carries it) comes back
+    as this worker's own, which is all the symbolic build looks at.
+    """
+
+    def reduce(self, reduce_op: Any, value: Any, axis: int | None) -> Any:
+        def one(item: Any) -> Any:
+            local = self.experimental_local_results(item)[0]
+            dtype = getattr(local, "dtype", None)
+            if dtype is not None and not (dtype.is_floating or dtype in (tf.int32, tf.int64)):
+                return local
+            scalar = getattr(getattr(local, "shape", None), "rank", None) == 0
+            return super(_MultiWorkerStrategy, self).reduce(reduce_op, item, None if scalar else axis)
+
+        return tf.nest.map_structure(one, value)
 
 
 def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
@@ -85,8 +108,11 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     different config is refused.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
+    # First: a multi-worker strategy must exist before any TensorFlow op runs.
+    strategy = make_strategy(cfg.training.distribute)
     verbose = cfg.training.verbose if verbose is None else verbose
-    rundir = RunDir(cfg.output_dir)
+    # Multi-worker: only the chief writes output_dir; the other workers write their own temp folder.
+    rundir = RunDir.for_worker(cfg.output_dir) if cfg.training.distribute == "multi_worker" else RunDir(cfg.output_dir)
     run = rundir.path
     note = rundir.claim(cfg)
     if note:
@@ -106,7 +132,6 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     else:
         data = _prepare_images(cfg, spec, rundir, verbose)
     splits, train_ds, val_ds = data.splits, data.train, data.val
-    strategy = make_strategy(cfg.training.distribute)
     with strategy.scope():
         model = build_classifier(
             spec, len(splits.class_names), weights=cfg.backbone.weights, head=cfg.head,

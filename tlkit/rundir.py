@@ -25,9 +25,12 @@ the model-loading policy (safe mode; how SavedModel-backbone runs are rebuilt) l
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,28 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    @classmethod
+    def for_worker(cls, path: str | Path) -> RunDir:
+        """The run directory this process of a multi-worker job writes (``TF_CONFIG``, see
+        docs/distributed.md): ``path`` on the chief (task ``chief``, else ``worker`` 0) and
+        without a cluster; on every other task a folder of its own under the system temp dir.
+
+        Keras's multi-worker convention: every worker runs the same program and saves the same
+        (synchronised) weights, but only the chief writes the real output. The other workers'
+        folder is named after ``path`` and the task, so a restarted worker finds its own
+        checkpoints and resumes at the same epoch as the chief.
+        """
+        try:
+            tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"the TF_CONFIG environment variable is not valid JSON ({exc}); see docs/distributed.md") from exc
+        task, cluster = tf_config.get("task") or {}, tf_config.get("cluster") or {}
+        kind, index = str(task.get("type") or "worker"), int(task.get("index") or 0)
+        if not task or kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster):
+            return cls(path)
+        digest = hashlib.sha1(str(Path(path).resolve()).encode("utf-8")).hexdigest()[:12]
+        return cls(Path(tempfile.gettempdir()) / "tlkit-workers" / f"{Path(path).name}-{digest}" / f"{kind}-{index}")
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

@@ -367,6 +367,12 @@ def make_audio_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def window_count(samples: int, length: int, crops: int) -> int:
+    """Windows that score a clip of ``samples``: ``crops``, or ``ceil(samples / length)`` when more
+    (the window contract, see :mod:`tlkit.audio_windows`)."""
+    return max(int(crops), -(-int(samples) // max(1, int(length))))
+
+
 def predict_clips(
     predict: Callable[[np.ndarray], Any],
     waveforms: Sequence[np.ndarray],
@@ -374,7 +380,11 @@ def predict_clips(
     crops: int = 3,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """Probabilities per clip, averaged over ``crops`` evenly spaced crops: ``(N, C)`` float32.
+    """Probabilities per clip, averaged over evenly spaced crops: ``(N, C)`` float32.
+
+    Each clip gets ``max(crops, ceil(samples / clip_length))`` crops (:func:`window_count`), so
+    a clip longer than ``crops * clip_length`` is heard whole, as ``tlkit predict`` and every
+    export score it.
 
     Args:
         predict: maps a float32 batch ``(b, clip_length)`` to probabilities ``(b, C)``
@@ -383,8 +393,10 @@ def predict_clips(
     """
     if not waveforms:
         raise DataError("predict_clips needs at least one clip")
-    rows = np.concatenate([fixed_crops(w, clip_length, crops) for w in waveforms])
+    counts = [window_count(len(w), clip_length, crops) for w in waveforms]
+    rows = np.concatenate([fixed_crops(w, clip_length, n) for w, n in zip(waveforms, counts)])
     outputs = [np.asarray(predict(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
     probabilities = np.concatenate(outputs).astype(np.float32)
-    return probabilities.reshape(len(waveforms), crops, -1).mean(axis=1)
+    ends = np.cumsum(counts)
+    return np.stack([probabilities[end - n : end].mean(axis=0) for end, n in zip(ends, counts)]).astype(np.float32)
 
