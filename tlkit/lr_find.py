@@ -48,7 +48,8 @@ from tlkit.fileio import atomic_save, write_json
 from tlkit.finetune import _batched, _stage_optimizer
 from tlkit.model import HeadConfig, backbone_groups, build_classifier, classification_loss
 from tlkit.run import _prepare_audio, _prepare_images, _resolve_spec, make_strategy
-from tlkit.rundir import RunDir, all_layers, model_name
+from tlkit.model_info import all_layers, model_name
+from tlkit.rundir import RunDir
 from tlkit.schedule import Stage
 
 BETA = 0.98  # smoothing of the loss (fastai's value)

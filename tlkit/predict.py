@@ -39,7 +39,8 @@ from tlkit.audio_windows import window_count
 from tlkit.data.audio import clip_samples, fixed_crops, is_audio_file, load_audio
 from tlkit.data.images import decode_rgb
 from tlkit.errors import ConfigError, DataError, TlkitError
-from tlkit.rundir import RunDir, takes_waveform
+from tlkit.model_info import takes_waveform
+from tlkit.rundir import RunDir
 from tlkit.savedmodel_ops import unsafe_ops
 from tlkit.text import first_line
 

@@ -37,7 +37,8 @@ from tlkit.fileio import atomic_save, versions
 from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.finetune import FineTuneResult, fine_tune
 from tlkit.model import build_classifier, classification_loss, classification_metrics
-from tlkit.rundir import InputContract, RunDir, model_name
+from tlkit.model_info import model_name
+from tlkit.rundir import InputContract, RunDir
 from tlkit.transfer_report import RunSplits, finish_report, measure_baselines
 
 

@@ -45,6 +45,7 @@ from tlkit.data.images import Example, Splits
 from tlkit.errors import ConfigError, TlkitError
 from tlkit.fileio import atomic_write_text, read_json, write_json
 from tlkit.model import build_classifier
+from tlkit.model_info import model_image_size, model_name, model_sample_rate, takes_waveform
 from tlkit.registration import register_serializables
 
 
@@ -452,41 +453,3 @@ class RunDir:
             raise ConfigError(f"{str(path)!r} is missing; is this a finished tlkit run?") from exc
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{str(path)!r} cannot be read ({exc}); the run directory is damaged") from exc
-
-
-def model_name(name: str) -> str:
-    """A Keras model name from a run name (letters, digits and ``_``)."""
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    return cleaned or "tlkit_classifier"
-
-
-def takes_waveform(model: Any) -> bool:
-    """Whether a Keras model's first input is a waveform (rank 2, or named ``waveform``)."""
-    inputs = getattr(model, "inputs", None) or []
-    return bool(inputs) and (inputs[0].name == "waveform" or len(inputs[0].shape) == 2)
-
-
-def all_layers(layer: Any) -> list[Any]:
-    """Every layer under ``layer``, nested models included, depth first."""
-    found = []
-    for sub in getattr(layer, "layers", []):
-        found.append(sub)
-        found.extend(all_layers(sub))
-    return found
-
-
-def model_image_size(model: Any) -> tuple[int, int] | None:
-    """``(height, width)`` of the model's ``resize`` layer, or ``None``."""
-    if "resize" not in [layer.name for layer in getattr(model, "layers", [])]:
-        return None
-    resize = model.get_layer("resize")
-    return int(resize.height), int(resize.width)
-
-
-def model_sample_rate(model: Any) -> int | None:
-    """The ``sample_rate`` of the first layer (nested included) that has one."""
-    for layer in all_layers(model):
-        rate = getattr(layer, "sample_rate", None)
-        if rate:
-            return int(rate)
-    return None

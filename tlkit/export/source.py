@@ -15,7 +15,8 @@ from tlkit.data.audio import load_audio
 from tlkit.data.images import Example
 from tlkit.errors import ExportError
 from tlkit.predict import load_image
-from tlkit.rundir import InputContract, RunDir, all_layers
+from tlkit.model_info import all_layers
+from tlkit.rundir import InputContract, RunDir
 from tlkit.text import first_line
 
 

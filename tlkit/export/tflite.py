@@ -44,7 +44,7 @@ from tlkit.export.formats import ExportContext, ExportFormat
 from tlkit.export.quantize import applied, bias_corrections
 from tlkit.export.source import ExportSource
 from tlkit.frontends import LogMelSpectrogram
-from tlkit.rundir import all_layers
+from tlkit.model_info import all_layers
 from tlkit.text import first_line
 
 try:
