@@ -22,7 +22,7 @@ from tlkit.backbones.loading import load_backbone
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, ImagePreprocessing
 from tlkit.errors import ConfigError, DataError
-from tlkit.layers import ImageNormalization, TrainingOnly, WaveformStandardization, with_frozen_batchnorm
+from tlkit.layers import ImageNormalization, RandomAffine, TrainingOnly, WaveformStandardization, with_frozen_batchnorm
 
 FEATURES_LAYER = "pool"
 HEAD_LAYER_PREFIXES = ("dropout", "hidden_", "logits", "probabilities")
@@ -68,7 +68,12 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class ImageAugmentation:
-    """Image augmentation, active only in training (Keras random layers).
+    """Image augmentation, active only in training (every layer XLA-compatible).
+
+    Flips, contrast and brightness are Keras's random layers; rotation, zoom and shift are
+    one :class:`tlkit.layers.RandomAffine` (the same sampling as Keras's ``RandomRotation``,
+    ``RandomZoom`` and ``RandomTranslation`` with ``fill_mode="reflect"``, which XLA cannot
+    compile), so ``jit_compile="auto"`` can turn XLA on for an augmented model.
 
     Attributes:
         horizontal_flip / vertical_flip: random flips (vertical is off by default:
@@ -102,12 +107,10 @@ class ImageAugmentation:
         mode = flip.get((self.horizontal_flip, self.vertical_flip))
         if mode:
             layers.append(keras.layers.RandomFlip(mode, seed=seed))
-        if self.rotation:
-            layers.append(keras.layers.RandomRotation(self.rotation, fill_mode="reflect", seed=seed))
-        if self.zoom:
-            layers.append(keras.layers.RandomZoom(self.zoom, fill_mode="reflect", seed=seed))
-        if self.translation:
-            layers.append(keras.layers.RandomTranslation(self.translation, self.translation, fill_mode="reflect", seed=seed))
+        if self.rotation or self.zoom or self.translation:
+            # One XLA-compatible resampling, not Keras's RandomRotation/RandomZoom/RandomTranslation:
+            # those set supports_jit=False, which turns jit_compile="auto" off for the whole model.
+            layers.append(RandomAffine(self.zoom, self.translation, self.rotation, seed=seed))
         if self.contrast:
             low, high = _value_range(spec.preprocessing)  # type: ignore[arg-type]
             layers.append(keras.layers.RandomContrast(self.contrast, value_range=(low, high), seed=seed))

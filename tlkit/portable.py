@@ -12,7 +12,8 @@ tlkit layer                      built-in replacement
 ImageNormalization               ``Normalization`` with fixed mean ``(mean - offset) / scale``
                                  and variance ``(std / scale) ** 2``; for BGR backbones a
                                  fixed 1x1 ``Conv2D`` that swaps R and B comes first
-TrainingOnly, AudioAugment       ``Identity`` (augmentation is the identity at inference)
+TrainingOnly, AudioAugment,      ``Identity`` (augmentation is the identity at inference)
+RandomAffine
 StochasticDepth                  ``Identity`` (drop-connect is the identity at inference)
 FrozenBatchNormalization         ``BatchNormalization``, same weights (it would train its
                                  statistics again if the portable model were fine-tuned)
@@ -46,6 +47,7 @@ from tlkit.layers import (
     CLONABLE_MODELS,
     FrozenBatchNormalization,
     ImageNormalization,
+    RandomAffine,
     StochasticDepth,
     TrainingOnly,
     WaveformStandardization,
@@ -133,7 +135,7 @@ def _same_weights(original: keras.layers.Layer, new: keras.layers.Layer) -> None
 def _replacement(layer: keras.layers.Layer) -> tuple[keras.layers.Layer, WeightCopy | None]:
     """The built-in layer standing in for ``layer``, and how to copy its weights (``None``: none)."""
     name = type(layer).__name__
-    if isinstance(layer, (TrainingOnly, AudioAugment, StochasticDepth)):
+    if isinstance(layer, (TrainingOnly, AudioAugment, RandomAffine, StochasticDepth)):
         return keras.layers.Identity(name=layer.name), None
     if isinstance(layer, FrozenBatchNormalization):
         return keras.layers.BatchNormalization.from_config(layer.get_config()), _same_weights

@@ -8,20 +8,23 @@ module is imported (:meth:`tlkit.rundir.RunDir.load_model` does). A test checks 
 
 from __future__ import annotations
 
+from tlkit.adaptation.layers import GradientReversal
 from tlkit.audio_augment import AudioAugment
 from tlkit.backbones.hub import SavedModelBackbone
 from tlkit.backbones.whisper import SlicedPositionEmbedding
 from tlkit.frontends import LogMelSpectrogram
-from tlkit.layers import (FrozenBatchNormalization, ImageNormalization, StochasticDepth, TrainingOnly,
-                          WaveformStandardization)
+from tlkit.layers import (FrozenBatchNormalization, ImageNormalization, RandomAffine, StochasticDepth,
+                          TrainingOnly, WaveformStandardization)
 from tlkit.model import AttentionPooling
 
 SERIALIZABLES: tuple[type, ...] = (
     AttentionPooling,
     AudioAugment,
     FrozenBatchNormalization,
+    GradientReversal,
     ImageNormalization,
     LogMelSpectrogram,
+    RandomAffine,
     SavedModelBackbone,
     SlicedPositionEmbedding,
     StochasticDepth,

@@ -48,7 +48,7 @@ import numpy as np
 from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing, PackageOptions
 from tlkit.backbones.torch_legacy import load_legacy_state_dict
 from tlkit.errors import ConfigError, WeightsUnavailableError
-from tlkit.layers import StochasticDepth
+from tlkit.backbones.layers import StochasticDepth
 
 __all__ = [
     "EFFICIENTNET_LITE0",

@@ -31,6 +31,7 @@ from typing import Any
 
 import keras
 
+from tlkit.backbones.layers import ImageNormalization
 from tlkit.backbones.spec import BackboneSpec, ImagePreprocessing
 from tlkit.errors import BackboneNotFoundError, ConfigError, WeightsUnavailableError
 from tlkit.text import first_line
@@ -206,7 +207,6 @@ def load(spec: BackboneSpec, weights: str | None = "pretrained", input_shape: tu
 
 def _rescaling(converter: dict[str, Any]) -> keras.layers.Layer:
     """keras-hub's ``x * scale + offset`` (scalars or per channel) as tlkit's normalization layer."""
-    from tlkit.layers import ImageNormalization  # tlkit.layers imports the backbones package
 
     scale, offset = converter.get("scale"), converter.get("offset")
     if isinstance(scale, list) or isinstance(offset, list):
