@@ -48,6 +48,8 @@ def test_noise_patterns_match_the_lines_tensorflow_prints() -> None:
         b"E0000 00:00:1796109227.798703   30113 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n",
         b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with "
         b"the appropriate compiler flags.\n",
+        b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+        b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32\n",
     ]
     assert all(is_noise(line) for line in noise)
     kept = [b"tlkit: error: unknown backbone 'x'\n", b"Traceback (most recent call last):\n",

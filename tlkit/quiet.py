@@ -18,12 +18,15 @@ import threading
 from collections.abc import Iterator
 
 #: Native log lines dropped by default: absl-format INFO/WARNING lines, the absl pre-init notice,
-#: CUDA probing errors on machines without a GPU, and the CPU-feature notice's second line.
+#: CUDA probing errors on machines without a GPU, the CPU-feature notice's second line, and the
+#: TFLite converter's and interpreter's INFO lines (XNNPACK delegate, quantizer settings).
 NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\] "
     rb"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ (cuda_\w+|cuda_platform|cuda_executor|cuda_diagnostics)\.cc:\d+\] "
-    rb"|To enable the following instructions: .* in other operations, rebuild TensorFlow)"
+    rb"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
+    rb"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
+    rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: )"
 )
 
 
