@@ -91,3 +91,26 @@ def test_calibration_lowers_val_nll_and_exports_return_calibrated_probabilities(
     uncalibrated = apply_temperature(calibrated, 1.0 / temperature)
     assert np.abs(exported - uncalibrated).max() > 1e-3
     assert json.loads((run.path / "calibration.json").read_text())["temperature"] == pytest.approx(temperature)
+
+
+def test_a_folded_temperature_is_never_applied_twice(tmp_path: Path, registered: None, digits_folder: Path) -> None:
+    """After training, calibration.json records the folded temperature, RunDir.temperature() (what
+    apps apply on top of the model) is None, and the evaluation report and metrics.json say the
+    probabilities are calibrated; a later --calibrate keeps the folded record."""
+    from tlkit.evaluation import evaluate_run
+
+    result = train(config_from_dict(_config(tmp_path, digits_folder, "folded")))
+    run = RunDir(result.run_dir)
+    assert run.calibration()["folded_into_model"] is True
+    assert run.temperature() is None
+    report = evaluate_run(run.path, gradcam=0)
+    metrics = json.loads(report.metrics_json.read_text())
+    assert metrics["calibration"]["folded_temperature"] == pytest.approx(run.calibration()["temperature"])
+    assert "folded in by training" in metrics["threshold_applies_to"]
+    text = report.report.read_text()
+    assert "folded it into the model" in text
+    assert "## Against the baselines" in text and "linear probe (frozen backbone)" in text  # run.json's rows
+    assert "NEGATIVE-TRANSFER" in text
+    evaluate_run(run.path, gradcam=0, calibrate=True)
+    again = run.calibration()
+    assert again["folded"]["folded_into_model"] is True and run.temperature() == pytest.approx(again["temperature"])

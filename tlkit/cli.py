@@ -53,7 +53,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tlkit.run import train
 
-    result = train(args.config, verbose=0 if args.quiet else "auto")
+    result = train(args.config, verbose=0 if args.quiet else "auto", baselines=not args.no_baselines)
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "train", _cmd_train, help="fine-tune a classifier in stages from a TOML/YAML config")
     p.add_argument("config", help="run config (.toml, .yaml or .json)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the no-transfer baseline and the linear probe (and their warnings)")
 
     p = _add(sub, "predict", _cmd_predict, help="classify files with a run directory or an exported model",
              description="Classifies image or audio files, one row per file. A file that cannot be read, holds "

@@ -341,16 +341,34 @@ class RunDir:
         """The TensorBoard folder of one stage."""
         return self.file(self.LOGS) / stage
 
-    def temperature(self) -> float | None:
-        """The fitted temperature (``calibration.json``), or ``None``."""
+    def calibration(self) -> dict[str, Any]:
+        """``calibration.json`` (empty when the run was never calibrated)."""
         path = self.file(self.CALIBRATION)
-        if not path.is_file():
+        return self._json(path) if path.is_file() else {}
+
+    def temperature(self) -> float | None:
+        """The temperature to apply to the model's probabilities, or ``None``.
+
+        ``None`` also when the run's temperature is folded into the model (``tlkit train``
+        does that by default): its outputs are then calibrated already, and applying the
+        temperature again would be wrong. The folded value is in :meth:`calibration`.
+        """
+        record = self.calibration()
+        if record.get("folded_into_model"):
             return None
-        value = self._json(path).get("temperature")
+        value = record.get("temperature")
         return float(value) if value is not None else None
 
     def write_calibration(self, temperature: float, **extra: Any) -> Path:
-        return write_json(self.file(self.CALIBRATION), {"temperature": float(temperature), **extra})
+        """Writes ``calibration.json``. A temperature fitted later (``tlkit evaluate --calibrate``)
+        on a model that already has one folded in keeps that record under ``"folded"``."""
+        previous = self.calibration()
+        record: dict[str, Any] = {"temperature": float(temperature), **extra}
+        if not record.get("folded_into_model"):
+            folded = previous if previous.get("folded_into_model") else previous.get("folded")
+            if folded:
+                record["folded"] = folded
+        return write_json(self.file(self.CALIBRATION), record)
 
     def checkpoints(self, stage: str | None = None) -> Path:
         base = self.file(self.CHECKPOINTS)

@@ -313,6 +313,7 @@ def report_markdown(
         lines += ["A case counts as positive when its probability is at or above the threshold. Choose your own "
                   "with `tlkit evaluate RUN --threshold T` (pick it on validation data, not on this test set).", ""]
 
+    lines += _baselines_section(m)
     lines += ["## Confusion matrix", ""]
     lines += [*_images(plots, out, "confusion_matrix", "confusion_matrix_normalized"), ""]
     if m["task"] != "multilabel" and len(m["class_names"]) <= 12:
@@ -370,6 +371,20 @@ def _shift_section(shift: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _baselines_section(m: dict[str, Any]) -> list[str]:
+    """The baselines ``tlkit train`` measured on the run's own split (``run.json`` "transfer")."""
+    transfer = m.get("transfer")
+    if not transfer:
+        return []
+    rows = [(r["model"], r["kind"], fmt(r.get("val_accuracy")), fmt(r.get("test_accuracy"))) for r in transfer["rows"]]
+    lines = ["## Against the baselines", "",
+             "Measured by `tlkit train` on this run's split: logistic regression without pretrained weights "
+             "(the no-transfer baseline), the linear probe of the frozen pretrained backbone, and the model.", "",
+             _md_table(("model", "kind", "val accuracy", "test accuracy"), rows), ""]
+    lines += [f"**Warning.** {w}" for w in transfer.get("warnings", [])]
+    return lines + ([""] if transfer.get("warnings") else [])
+
+
 def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], calibration: Path | None) -> list[str]:
     cal = m["calibration"]
     lines = ["## Calibration", "",
@@ -393,6 +408,11 @@ def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], c
             "```",
             "",
         ]
+    elif cal.get("folded_temperature") is not None:
+        lines += [f"The model's probabilities are calibrated: `tlkit train` fitted temperature scaling on the "
+                  f"validation split (**T = {cal['folded_temperature']:.3f}**) and folded it into the model's "
+                  "`logits` layer, so every metric above, `tlkit predict` and every export use the calibrated "
+                  "probabilities with nothing to apply.", ""]
     else:
         lines += ["Not calibrated; run `tlkit evaluate RUN --calibrate` to fit a temperature on the validation "
                   "split.", ""]

@@ -322,7 +322,18 @@ def evaluate_predictions(
             f"{', ...' if len(small) > 8 else ''}); their per-class numbers are very uncertain"
         )
     stored = run.file(RunDir.CALIBRATION)
-    if not calibrate and stored.is_file():
+    record = run.calibration() if stored.is_file() else {}
+    folded = record if record.get("folded_into_model") else record.get("folded")
+    if folded:  # tlkit train folded a temperature into the model: these probabilities are calibrated
+        metrics["calibration"]["folded_temperature"] = float(folded["temperature"])
+    metrics["calibration"]["probabilities"] = (
+        "the model's outputs, with a temperature folded in by training" if folded and not calibrate
+        else "temperature-scaled by this evaluation" if calibrate else "the model's outputs (uncalibrated)")
+    metrics["threshold_applies_to"] = metrics["calibration"]["probabilities"]  # decisions and operating points
+    transfer = run.status().get("transfer") if run.file(RunDir.STATUS).is_file() else None
+    if transfer:  # the baselines tlkit train measured on the run's own split, for the report
+        metrics["transfer"] = transfer
+    if not calibrate and stored.is_file() and run.temperature() is not None:
         notes.append(
             f"{link(stored, out_dir)} exists but these numbers use the model's raw probabilities; "
             "pass --calibrate to refit and apply it"
