@@ -63,11 +63,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-steps", type=int, default=60,
                    help="after the last repetition of each stage, alternate this many single compiled steps of "
                         "tlkit and hand (0: skip)")
-    p.add_argument("--quick", action="store_true", help="fewer images, epochs and repetitions; head stage only")
+    p.add_argument("--quick", action="store_true", help="fewer images, epochs and repetitions; head and full stages")
     p.add_argument("--json", help="also write the raw figures to this file")
     args = p.parse_args(argv)
     if args.quick:
-        args.per_class, args.epochs, args.reps, args.stages, args.micro_steps = 16, 3, 3, "head", 30
+        args.per_class, args.epochs, args.reps, args.stages, args.micro_steps = 16, 3, 3, "head,full", 30
     if args.epochs < 3:
         p.error("--epochs must be >= 3 (the first is dropped; whole-epoch times need a following epoch)")
     return args

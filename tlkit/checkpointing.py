@@ -90,7 +90,8 @@ class StageCheckpoint(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is not None and np.isfinite(value) and float(value) < self.best:
             self.best, self.best_epoch = float(value), epoch + 1
-            self.best_weights = [np.array(w) for w in self.model.get_weights()]
+            # Only what the stage can change: a head stage copies the head, not the frozen backbone.
+            self.best_weights = [np.array(v) for v in _changing_variables(self.model)]
             self._best_on_disk = False
         if self.stage_dir is None:
             return
@@ -108,10 +109,11 @@ class StageCheckpoint(keras.callbacks.Callback):
         started = time.monotonic()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         if self.best_weights is not None and not self._best_on_disk:
-            current = self.model.get_weights()
-            self.model.set_weights(self.best_weights)
+            variables = _changing_variables(self.model)
+            current = [np.array(v) for v in variables]
+            _assign(variables, self.best_weights)
             atomic_save(self.stage_dir / f"{self.prefix}{BEST_WEIGHTS}", self.model.save_weights)
-            self.model.set_weights(current)
+            _assign(variables, current)
             self._best_on_disk = True
         atomic_save(self.stage_dir / f"{self.prefix}{BACKUP_WEIGHTS}", self.model.save_weights)
         # The state is written last: a kill between the two leaves the previous, consistent pair
@@ -126,13 +128,30 @@ class StageCheckpoint(keras.callbacks.Callback):
     def restore_best(self) -> bool:
         """Loads the stage's best epoch into the model; ``False`` when there was no best."""
         if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+            _assign(_changing_variables(self.model), self.best_weights)
             return True
         best_file = self.stage_dir / f"{self.prefix}{BEST_WEIGHTS}" if self.stage_dir else None
         if best_file is not None and best_file.is_file() and self.best_epoch > 0:
             self.model.load_weights(best_file)
             return True
         return False
+
+
+def _changing_variables(model: keras.Model) -> list[Any]:
+    """The variables training can change: trainable ones, and the non-trainable state (BatchNorm
+    moving statistics, seed states) of layers that are trainable. Frozen layers' weights are left
+    out, so keeping the best epoch of a head stage copies kilobytes, not the backbone."""
+    found = {id(v): v for v in model.trainable_variables}
+    for layer in model._flatten_layers(include_self=False):
+        if layer.trainable and not list(layer._flatten_layers(include_self=False)):  # trainable leaf layers
+            for v in layer.non_trainable_variables:
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
+def _assign(variables: list[Any], values: list[np.ndarray]) -> None:
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
 
 
 def restore_backup(model: keras.Model, stage_dir: Path, prefix: str = "") -> BackupState | None:
