@@ -271,8 +271,9 @@ def fine_tune(
         if solve:
             assert cache is not None
             records = [r for r in records if r["stage"] != stage.name]
-            fit, logs = solve_head(cache, head, loss=loss, metrics=metric_list(), class_weight=class_weight,
-                                   sample_weight=adapter.solve_weights(cache) if adapter else None)
+            with strategy.scope():  # solve_head compiles the head model, which belongs to this strategy
+                fit, logs = solve_head(cache, head, loss=loss, metrics=metric_list(), class_weight=class_weight,
+                                       sample_weight=adapter.solve_weights(cache) if adapter else None)
             _print(verbose, f"stage {stage.name!r}: head solved to convergence on cached features ({fit.describe()})")
             record = {"stage": stage.name, "stage_epoch": 1, "epoch": epochs_done + 1, **logs,
                       "solver": fit.solver, "time": time.time()}

@@ -109,6 +109,21 @@ def expand_model(base, spec, labels: list[str], head, augmentation, seed: int, f
     return model
 
 
+def open_audio_run(run_path: Path) -> tuple:
+    """``(RunDir, RunConfig, model, labels, InputContract)`` of a finished audio run (else SystemExit)."""
+    import tlkit
+
+    run = tlkit.RunDir(run_path)
+    run.require_model()
+    if run.status().get("status") != "complete":
+        raise SystemExit(f"run {run_path} has not finished training; finish it with `tlkit train` first")
+    base = run.load_model()
+    contract = run.input_contract(base)
+    if not contract.is_audio or contract.clip_samples is None:
+        raise SystemExit(f"run {run_path} is not an audio run; these scripts adapt accent (audio) classifiers")
+    return run, run.config(), base, run.labels(), contract
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a finished tlkit run on the base accents")
@@ -136,15 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     run_path = args.run_dir
     out = args.out or run_path / "adaptation"
-    run = tlkit.RunDir(run_path)
-    run.require_model()
-    if run.status().get("status") != "complete":
-        raise SystemExit(f"run {run_path} has not finished training; finish it with `tlkit train` first")
-    cfg = run.config()
-    base, old_labels = run.load_model(), run.labels()
-    contract = run.input_contract(base)
-    if not contract.is_audio or contract.clip_samples is None:
-        raise SystemExit(f"run {run_path} is not an audio run; adapt.py adapts accent (audio) classifiers")
+    run, cfg, base, old_labels, contract = open_audio_run(run_path)
     rate, crops, clip = int(contract.sample_rate), contract.eval_crops, contract.clip_samples
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
