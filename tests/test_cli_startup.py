@@ -49,6 +49,8 @@ def test_noise_patterns_match_the_lines_tensorflow_prints() -> None:
         b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with "
         b"the appropriate compiler flags.\n",
         b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+        b"E0000 00:00:1796115660.324559   11241 util.cc:131] oneDNN supports DT_INT64 only on platforms with "
+        b"AVX-512. Falling back to the default Eigen-based implementation if present.\n",
         b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32\n",
     ]
     assert all(is_noise(line) for line in noise)

@@ -24,6 +24,7 @@ NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\] "
     rb"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ (cuda_\w+|cuda_platform|cuda_executor|cuda_diagnostics)\.cc:\d+\] "
+    rb"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ util\.cc:\d+\] oneDNN supports "
     rb"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
     rb"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
     rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: )"
