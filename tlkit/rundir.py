@@ -30,6 +30,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,7 +433,11 @@ class RunDir:
         # A source whose layer Keras's safe mode refuses (a SavedModel graph) says so in its record.
         source = SOURCES.get(str(status.get("backbone_source")))
         if source is None or source.reloads_safely:
-            return keras.saving.load_model(model_path, safe_mode=True, compile=compile)
+            model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
+            _refreeze(model)
+            if compile:
+                _compile_as_saved(model, model_path)
+            return model
         cfg = self.config()
         labels = self.labels()
         spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
@@ -471,3 +476,25 @@ class RunDir:
             raise ConfigError(f"{str(path)!r} is missing; is this a finished tlkit run?") from exc
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{str(path)!r} cannot be read ({exc}); the run directory is damaged") from exc
+
+
+def _refreeze(model: keras.Model) -> None:
+    """Re-applies frozen flags after loading: Keras rebuilds the sublayers of some layers
+    (``MultiHeadAttention``'s query/key/value projections in Whisper's blocks) as trainable even
+    when their parent was saved frozen, so a loaded run had more trainable variables than the
+    saved one (and Keras warned that the saved optimizer did not fit)."""
+    for layer in model._flatten_layers(include_self=False):
+        if not layer.trainable:
+            layer.trainable = False  # the setter propagates to every sublayer
+
+
+def _compile_as_saved(model: keras.Model, path: Path) -> None:
+    """Compiles ``model`` with the loss, metrics and optimizer kind saved in the ``.keras`` file
+    (a fresh optimizer: the final model's saved optimizer holds no training state worth keeping)."""
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json").decode("utf-8")).get("compile_config")
+    if config:
+        model.compile_from_config(config)
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+
