@@ -78,7 +78,8 @@ def test_calibration_lowers_val_nll_and_exports_return_calibrated_probabilities(
     assert calibration is not None and calibration["folded_into_model"]
     assert calibration["val_nll_after"] < calibration["val_nll_before"]
     temperature = calibration["temperature"]
-    assert run.temperature() == pytest.approx(temperature)
+    assert run.calibration()["temperature"] == pytest.approx(temperature)
+    assert run.temperature() is None  # folded: nothing left to apply on top of the model
     assert abs(temperature - 1.0) > 0.05  # a real correction, so the check below can tell them apart
 
     report = export_run(run.path, ["savedmodel"], tmp_path / "exported")
