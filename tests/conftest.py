@@ -68,6 +68,12 @@ def tiny_backbone() -> BackboneSpec:
     backbones.unregister(spec.name)
 
 
+@pytest.fixture
+def registered(tiny_backbone: BackboneSpec) -> None:
+    """``tiny_test`` registered, for tests that name it in a run config (and need no spec object)."""
+    yield
+
+
 def colour_images(n_per_class: int = 12, size: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A learnable 3-class set: the dominant colour channel is the class. Pixels 0..255 float32."""
     rng = np.random.default_rng(seed)

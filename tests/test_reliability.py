@@ -10,13 +10,12 @@ import h5py
 import keras
 import pytest
 
-import tlkit.backbones as backbones
 from tlkit.cli import main
 from tlkit.config import config_from_dict
 from tlkit.errors import ConfigError, TlkitError
 from tlkit.fileio import DiskFullError, atomic_save, atomic_write_text
 from tlkit.run import train
-from tests.conftest import tiny_spec, write_image_folder
+from tests.conftest import write_image_folder
 
 
 def _config(tmp: Path, data: Path, **overrides: object) -> dict:
@@ -34,13 +33,6 @@ def _config(tmp: Path, data: Path, **overrides: object) -> dict:
     }
     raw.update(overrides)
     return raw
-
-
-@pytest.fixture
-def registered() -> None:
-    backbones.register(tiny_spec(), overwrite=True)
-    yield
-    backbones.unregister("tiny_test")
 
 
 def test_atomic_save_keeps_the_old_file_when_the_disk_fills(tmp_path: Path) -> None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
-import tlkit.backbones as backbones
 from tlkit.cli import main
 from tlkit.config import config_from_dict, load_config
 from tlkit.errors import ConfigError
 from tlkit.run import load_run_model, train
 from tlkit.rundir import RunDir
-from tests.conftest import tiny_spec, write_image_folder
+from tests.conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,13 +33,6 @@ def _config(tmp: Path, data: Path, **overrides: object) -> dict:
     }
     raw.update(overrides)
     return raw
-
-
-@pytest.fixture
-def registered() -> None:
-    backbones.register(tiny_spec(), overwrite=True)
-    yield
-    backbones.unregister("tiny_test")
 
 
 def test_train_writes_a_complete_run_dir(tmp_path: Path, registered: None) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tlkit.backbones as backbones
 from tlkit.artifacts import load_exported_predictor
 from tlkit.config import config_from_dict
 from tlkit.evaluation import apply_temperature
@@ -18,14 +17,7 @@ from tlkit.predict import load_image
 from tlkit.rundir import RunDir
 from tlkit.run import train
 from tlkit.sample_data import write_digits
-from tests.conftest import tiny_spec, write_image_folder
-
-
-@pytest.fixture
-def registered() -> None:
-    backbones.register(tiny_spec(), overwrite=True)
-    yield
-    backbones.unregister("tiny_test")
+from tests.conftest import write_image_folder
 
 
 def _config(tmp: Path, data: Path, name: str) -> dict:

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from tlkit.blas import one_blas_thread
 from tlkit.baselines import (BaselineResult, feature_extractor, frozen_features, linear_probe, no_transfer_baseline,
                              transfer_verdict)
 from tlkit.data.batches import Batches
@@ -161,7 +161,7 @@ def run_demo(cfg: DemoConfig | None = None, verbose: bool = True) -> DemoReport:
     started = time.monotonic()
     # The convex fits are small: one BLAS thread is faster, and far faster on a busy machine
     # (measured: 324 s against 0.1 s for one 20-class logistic regression with 2 OpenBLAS threads).
-    with threadpool_limits(1, user_api="blas"), tempfile.TemporaryDirectory(prefix="tlkit-demo-") as scratch:
+    with one_blas_thread(), tempfile.TemporaryDirectory(prefix="tlkit-demo-") as scratch:
         patches, photo_names = photo_patches(
             cfg.patch_size, (cfg.labels_per_class, cfg.val_per_class, cfg.test_per_class), cfg.seed)
         main = _Case(patches, photo_names, Path(scratch) / "photos", cfg)

@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from tlkit.blas import one_blas_thread
 from tlkit.errors import DataError
 
 #: Raw density ratios are clipped to this range before the weights are normalised to mean 1.
@@ -95,7 +96,7 @@ def fit_importance_weights(
     y = np.concatenate([np.zeros(len(xs), int), np.ones(len(xt), int)])
     folds = StratifiedKFold(3, shuffle=True, random_state=seed)
     scores = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_blas_thread():  # small fits (tlkit/blas.py)
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in C_GRID:
             scores[c] = float(cross_val_score(_pipeline(c, seed), x, y, cv=folds, scoring="neg_log_loss").mean())
