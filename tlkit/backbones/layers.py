@@ -81,3 +81,31 @@ class StochasticDepth(keras.layers.Dropout):
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         return super().call(inputs, training=bool(training) and self.trainable)
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class MultiHeadAttention(keras.layers.MultiHeadAttention):
+    """Keras's ``MultiHeadAttention`` whose projections stay frozen when the layer is.
+
+    Same inputs, outputs, config and weights as ``keras.layers.MultiHeadAttention``. The one
+    difference is in :meth:`build`: Keras creates the query / key / value / output
+    ``EinsumDense`` sublayers there, trainable, and a layer deserialised with
+    ``trainable=False`` (a frozen block of a saved, partly fine-tuned model) is built after its
+    flag is set, so plain ``keras.saving.load_model`` gave back a frozen attention layer whose
+    projection weights were trainable: a ``fit`` after loading trained them. Here a frozen
+    layer passes its flag on to the sublayers it has just built.
+
+    The class keeps Keras's name on purpose: a ``.keras`` / ``.weights.h5`` file stores a
+    layer's weights under its snake-cased class name (``multi_head_attention_3/...``), so
+    weight files written with the built-in class load into models built with this one and
+    back. Registered as ``tlkit>MultiHeadAttention``.
+    """
+
+    def build(self, query_shape: Any, value_shape: Any, key_shape: Any = None) -> None:
+        super().build(query_shape, value_shape, key_shape)
+        if not self.trainable:
+            # The setter reaches every sublayer and variable built above. Called directly: on the
+            # TensorFlow backend, `self.trainable = False` on a layer whose flag is already False
+            # is skipped by Keras's attribute tracking (it returns early when the new value `is`
+            # the old one), so the setter would never run.
+            keras.layers.Layer.trainable.fset(self, False)

