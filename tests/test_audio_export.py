@@ -6,11 +6,17 @@ tiny waveform encoder and the tiny log-mel encoder behind a front-end with ``n_f
 Crops are 0.25 s with 2 eval crops, and the held-out clips are 0.6-1.0 s, so a clip is
 scored in 3-4 windows: more than ``eval_crops``, which is the case the export used to get
 wrong (it scored the whole clip at once).
+
+The log-mel run's ``tflite-int8`` keeps its front-end and its LayerNorm in float32 and
+quantizes the rest (:func:`tlkit.export.tflite.float_layer_names`). Quantized whole, its top-1
+agreement on the 12 held-out clips was 0.833 (max |dp| 0.974), below the 0.9 bar, so the export
+left it out; now it is 1.000 (max |dp| 0.054).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -104,18 +110,16 @@ def _written(report: ExportReport) -> list[str]:
 
 
 def test_every_format_converts_and_passes_parity_on_whole_clips(exported: tuple[Path, ExportReport]) -> None:
-    """Every TFLite variant converts (none is skipped); the ones that pass parity are in the version.
+    """Every TFLite variant converts (none is skipped), passes parity and is in the version.
 
-    The waveform encoder passes in every format. The log-mel one passes in every format but
-    full-integer int8, where it may miss: an int8 power spectrum keeps about 24 dB of range
-    (docs/deploy.md). When it misses it is left out, with its reason, and the rest is written.
+    Full-integer int8 included for the log-mel encoder: its front-end stays float32 there
+    (an int8 power spectrum keeps about 24 dB of range, docs/deploy.md), the rest is int8.
     """
     run, report = exported
     print("\n" + report.table())
     assert report.skipped.keys() <= {"onnx"}  # ONNX is for image runs
     assert [r.format for r in report.results if r.format.startswith("tflite-")] == TFLITE
-    allowed = {"tflite-int8"} if run.parent.name.startswith("run_log_mel") else set()
-    assert set(report.failed) <= allowed, report.failed
+    assert not report.failed, report.failed
     meta = json.loads((Path(report.out_dir) / "metadata.json").read_text(encoding="utf-8"))
     for result in report.results:
         assert result.passed == (result.format not in report.failed), result
@@ -131,6 +135,35 @@ def test_every_format_converts_and_passes_parity_on_whole_clips(exported: tuple[
     assert meta["audio_windows"]["eval_crops"] == EVAL_CROPS and meta["audio_windows"]["sample_rate"] == RATE
     assert meta["artifacts"]["savedmodel"]["input"]["windows"].startswith("cut and averaged inside")
     assert meta["artifacts"]["tflite-fp32"]["input"]["shape"] == [1, int(CLIP_SECONDS * RATE)]
+
+
+def test_int8_keeps_the_log_mel_front_end_float_and_quantizes_the_rest(exported: tuple[Path, ExportReport]) -> None:
+    """The int8 file itself: every tensor of the front-end (and LayerNorm) is float32, the convolutions' int8."""
+    run, report = exported
+    log_mel = run.parent.name.startswith("run_log_mel")
+    result = report.result("tflite-int8")
+    assert result.passed and result.top1_agreement >= 0.9, result
+    entry = json.loads((Path(report.out_dir) / "metadata.json").read_text(encoding="utf-8"))["artifacts"]["tflite-int8"]
+    assert entry.get("float_layers") == (["frontend", "feat_norm"] if log_mel else None)  # feat_norm: a LayerNorm
+    assert ("kept in float32: frontend, feat_norm" in entry["quantization"]) == log_mel
+    interpreter, _ = make_interpreter(str(_artifact(report, "tflite-int8")), 1)
+    tensors = [(t["name"], np.dtype(t["dtype"]).name) for t in interpreter.get_tensor_details()]
+    frontend = [dtype for name, dtype in tensors if re.search(r"(^|/)(frontend|feat_norm)(_\d+)?/", name)]
+    encoder = [dtype for name, dtype in tensors if re.search(r"(^|/)block[12]_conv(_\d+)?/", name)]
+    assert encoder and set(encoder) <= {"int8", "int32"}, encoder  # int8 weights and activations, int32 biases
+    assert bool(frontend) == log_mel and set(frontend) <= {"float32", "int32"}, frontend  # int32: frame indices
+
+
+def test_int8_io_with_a_float_front_end(exported: tuple[Path, ExportReport], tmp_path: Path) -> None:
+    """``int8_io``: the waveform comes in as int8, is dequantized for the float front-end, and passes."""
+    run, report = exported
+    if not run.parent.name.startswith("run_log_mel"):
+        pytest.skip("the waveform encoder has no front-end to keep float")
+    io = export_run(run, formats="tflite-int8", out=tmp_path / "models", parity_samples=12, calibration_samples=16,
+                    int8_io=True)
+    assert io.passed and [r.format for r in io.results] == ["tflite-int8"], io.failed
+    meta = json.loads((Path(io.out_dir) / "metadata.json").read_text(encoding="utf-8"))["artifacts"]["tflite-int8"]
+    assert meta["input"]["dtype"] == meta["output"]["dtype"] == "int8" and meta["float_layers"] == ["frontend", "feat_norm"]
 
 
 def test_every_artifact_scores_held_out_clips_as_predict_run_does(

@@ -1,18 +1,27 @@
-"""Bias correction for int8 weights: the mean output shift their rounding causes, taken out.
+"""Int8 refinements for the TFLite formats: bias correction and float islands.
 
-Used by the TFLite formats whose weights the converter rounds to int8 (``tflite-dynamic``,
-``tflite-int8``): :func:`bias_corrections` measures the shift on calibration examples and
-:func:`applied` puts the corrections into the Keras model only while it is converted.
+Bias correction, for the formats whose weights the converter rounds to int8
+(``tflite-dynamic``, ``tflite-int8``): :func:`bias_corrections` measures the mean output
+shift the rounding causes on calibration examples and :func:`applied` puts the corrections
+into the Keras model only while it is converted.
+
+Selective quantization, for ``tflite-int8``: :func:`selective_int8` converts a model to full
+integer except the ops under given name scopes, which stay float32 (TFLite's
+``tf.lite.experimental.QuantizationDebugger`` with ``denylisted_nodes``). A log-mel front-end
+is kept float this way: its power spectrum spans far more range than int8 holds.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 try:
     from keras.src.models.functional import Functional
@@ -183,3 +192,61 @@ def _accumulate_errors(
         counts[id(layer)] = counts.get(id(layer), 0) + flat.shape[0]
     for child, x in zip(children, values[len(targets):]):
         _accumulate_errors(child, x, per_level, sums, counts)
+
+
+def selective_int8(
+    converter: Any,
+    representative: Callable[[], Iterable[list[np.ndarray]]],
+    float_scopes: list[str],
+    fully_quantize: bool,
+) -> tuple[bytes, list[str]]:
+    """Full-integer TFLite except the ops under ``float_scopes``, which stay float32.
+
+    Args:
+        converter: a ``tf.lite.TFLiteConverter`` set up for full-integer conversion
+            (``Optimize.DEFAULT`` and ``representative_dataset``).
+        representative: the calibration generator factory (what ``representative_dataset`` is).
+        float_scopes: Keras layer names whose ops are kept in float; in the converted graph an
+            op belongs to layer ``name`` when a path segment of its output tensor's name is
+            ``name`` or ``name_<n>`` (TensorFlow's name scope of the layer call).
+        fully_quantize: int8 input and output tensors as well (else float32 ones).
+
+    Returns:
+        The flatbuffer and the names of the ops kept in float (empty when no op matched: then
+        the model is quantized whole, as without this function).
+
+    The converter first calibrates (``QuantizationDebugger`` runs the representative data
+    through the float graph), then the MLIR quantizer quantizes every op except the denylisted
+    nodes, with quantize / dequantize ops at the edges of the float region.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the debugger's interpreter is tf.lite's deprecated one
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=representative,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(fully_quantize=fully_quantize))
+        nodes = nodes_under(debugger.calibrated_model, float_scopes)
+        if nodes:
+            debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_nodes=nodes, fully_quantize=fully_quantize)
+        return debugger.get_nondebug_quantized_model(), nodes
+
+
+def nodes_under(model: bytes, scopes: list[str]) -> list[str]:
+    """Output tensor names of the ops of a TFLite ``model`` that sit under one of the name ``scopes``.
+
+    A fused op's name joins its parts with ``;``; it is under a scope when any part is.
+    """
+    if not scopes:
+        return []
+    pattern = re.compile("(?:^|/)(?:" + "|".join(re.escape(s) for s in scopes) + r")(?:_\d+)?/")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=model)
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    found: list[str] = []
+    for op in interpreter._get_ops_details():  # the same op listing the debugger itself reads
+        for index in op["outputs"]:
+            name = names.get(int(index), "")
+            if any(pattern.search(part) for part in name.split(";")) and name not in found:
+                found.append(name)
+    return found

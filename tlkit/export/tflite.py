@@ -15,6 +15,11 @@ Audio front-ends convert because :class:`tlkit.frontends.LogMelSpectrogram` comp
 STFT as a DFT-matrix product by default; a front-end built with ``dft="fft"`` and an
 ``n_fft`` that is not a power of two becomes ``RFFT2D``, which TFLite cannot prepare, so
 the TFLite formats do not apply to it (:func:`tflite_blocker` says why).
+
+Full-integer audio models keep their log-mel front-end and their LayerNorms in float32 and
+quantize the rest (:func:`float_layer_names` says why; ``metadata.json`` lists the layers
+under ``float_layers``): the waveform goes in float32 (or int8 with ``int8_io``, dequantized
+for the front-end) and the int8 part starts at the log-mel features.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -37,11 +43,13 @@ from tlkit.artifacts import (
     labels_beside,
     make_interpreter,
     metadata_beside,
+    task_output_names,
 )
 from tlkit.audio_windows import ClipWindows
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportContext, ExportFormat
-from tlkit.export.quantize import applied, bias_corrections
+from tlkit.export.multitask import tflite_converter, tflite_outputs_entry
+from tlkit.export.quantize import applied, bias_corrections, selective_int8
 from tlkit.export.source import ExportSource
 from tlkit.frontends import LogMelSpectrogram
 from tlkit.model_info import all_layers
@@ -66,12 +74,17 @@ class TFLiteOptions:
         int8_weights_min_elements: for formats whose weights the converter rounds to int8,
             the smallest weight tensor it rounds (bias correction follows the same rule);
             ``None``: no int8 weights, no bias correction.
+        float_audio_layers: with ``full_integer``, an audio model's log-mel front-ends
+            (:class:`tlkit.frontends.LogMelSpectrogram`) and ``LayerNormalization`` layers
+            stay float32 and the rest is int8 (:func:`tlkit.export.quantize.selective_int8`;
+            see :func:`float_layer_names` for why).
     """
 
     optimize: bool = False
     float16: bool = False
     full_integer: bool = False
     int8_weights_min_elements: int | None = None
+    float_audio_layers: bool = False
 
 
 def write_tflite(fmt: ExportFormat, source: ExportSource, directory: Path, context: ExportContext) -> dict[str, Any]:
@@ -95,17 +108,21 @@ def write_tflite(fmt: ExportFormat, source: ExportSource, directory: Path, conte
         except Exception as exc:  # an optional refinement: an unusual model converts uncorrected
             status = f"not applied ({type(exc).__name__}: {first_line(exc)})"
     with applied(changes):
-        data = _convert(source, options, examples if options.full_integer else None, context.int8_io)
+        data, float_layers = _convert(source, options, examples if options.full_integer else None, context.int8_io)
     path = directory / fmt.file
     path.write_bytes(data)
-    info = {"quantization": fmt.quantization, **_tflite_io(path, source)}
+    quantization = fmt.quantization + (f"; kept in float32: {', '.join(float_layers)}" if float_layers else "")
+    info = {"quantization": quantization, **_tflite_io(path, source)}
+    if float_layers:
+        info["float_layers"] = float_layers
     if min_elements is not None:
         info["bias_correction"] = status
     return info
 
 
 def reload_tflite(fmt: ExportFormat, path: Path, source: ExportSource) -> TFLitePredictor:
-    return TFLitePredictor(str(path), labels_beside(path), windows=ClipWindows.from_metadata(metadata_beside(path)))
+    return TFLitePredictor(str(path), labels_beside(path), windows=ClipWindows.from_metadata(metadata_beside(path)),
+                           tasks=source.tasks, output_names=task_output_names(path))
 
 
 def tflite_blocker(source: ExportSource) -> str:
@@ -125,9 +142,27 @@ def converts_to_tflite(source: ExportSource) -> bool:
     return not tflite_blocker(source)
 
 
+def float_layer_names(source: ExportSource) -> list[str]:
+    """The layers an audio model's full-integer TFLite keeps in float32 (``[]`` for images).
+
+    Its log-mel front-ends: the power spectrum spans far more range than int8 holds (one int8
+    scale keeps about 24 dB of it, and the log brings the lost quiet bands back). And its
+    ``LayerNormalization`` layers: TFLite computes them as mean, variance and rsqrt, each
+    re-quantized, from a transformer's residual stream, whose few large channels set the int8
+    scale for all. Measured on a Whisper tiny.en run (4 classes, 48 held-out clips), top-1
+    agreement with the Keras model: 0.229 quantized whole, 0.688 with the front-end float,
+    0.979 with the LayerNorms float too (8.9 MB against 8.4 MB).
+    """
+    if source.modality != "audio":
+        return []
+    return [layer.name for layer in all_layers(source.model)
+            if isinstance(layer, (LogMelSpectrogram, keras.layers.LayerNormalization))]
+
+
 def _convert(source: ExportSource, options: TFLiteOptions, calibration: list[np.ndarray] | None,
-             int8_io: bool) -> bytes:
-    """The TFLite flatbuffer of the model at the fixed input size (batch 1, float32 input)."""
+             int8_io: bool) -> tuple[bytes, list[str]]:
+    """The TFLite flatbuffer of the model at the fixed input size (batch 1, float32 input), and
+    the layers kept in float32 in a full-integer model (``[]`` when none)."""
     model = source.model
 
     class Fixed(tf.Module):
@@ -141,7 +176,10 @@ def _convert(source: ExportSource, options: TFLiteOptions, calibration: list[np.
 
     module = Fixed()
     function = module.serve.get_concrete_function()
-    if convert_variables_to_constants_v2 is None:  # pragma: no cover
+    if source.tasks is not None:  # one output per task, named (tlkit.export.multitask)
+        converter = tflite_converter(model, source.tasks, tf.TensorSpec([1, *source.fixed_shape], tf.float32,
+                                                                         name=source.input_name))
+    elif convert_variables_to_constants_v2 is None:  # pragma: no cover
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     else:
         # Freeze the weights into constants first. Handing the converter the live function
@@ -166,11 +204,15 @@ def _convert(source: ExportSource, options: TFLiteOptions, calibration: list[np.
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+    float_layers = float_layer_names(source) if options.full_integer and options.float_audio_layers else []
     try:
         with warnings.catch_warnings():
             # Emitted for float-input models under Optimize.DEFAULT; the inputs stay float on purpose.
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-            return converter.convert()
+            if float_layers:
+                data, nodes = selective_int8(converter, representative, float_layers, int8_io)
+                return data, float_layers if nodes else []
+            return converter.convert(), []
     except Exception as exc:
         raise ExportError(f"TFLite conversion failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
@@ -196,6 +238,9 @@ def _tflite_io(path: Path, source: ExportSource) -> dict[str, Any]:
             spec["quantization"] = {"scale": float(scale), "zero_point": int(zero_point),
                                     "real_value": "(q - zero_point) * scale"}
         entry[key] = spec
+    if source.tasks is not None:  # one output per task, by its signature name
+        del entry["output"]
+        entry["outputs"] = tflite_outputs_entry(interpreter, source.tasks)
     return entry
 
 
@@ -216,6 +261,7 @@ TFLITE_FORMATS: tuple[ExportFormat, ...] = (
             TFLiteOptions(optimize=True, int8_weights_min_elements=1024)),
     _tflite("tflite-int8", TFLITE_INT8_FILE, 0.9,
             "full integer: int8 weights and activations, calibrated on training examples",
-            TFLiteOptions(optimize=True, full_integer=True, int8_weights_min_elements=0)),
+            TFLiteOptions(optimize=True, full_integer=True, int8_weights_min_elements=0,
+                          float_audio_layers=True)),
 )
 """The TFLite records, in build order."""
