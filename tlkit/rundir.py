@@ -4,7 +4,7 @@ Layout (every file written atomically, see :mod:`tlkit.fileio`)::
 
     config.json           the config as used (paths resolved)
     config.original.*     the config file as the user wrote it
-    labels.json           class names, in output order
+    labels.json           class names, in output order (multi-task: ``{"tasks": {task: [class, ...]}}``)
     splits.json           the files of the train / val / test splits
     skipped.csv           unreadable files with the reason (only when some were skipped)
     history.json          merged per-epoch history across stages (+ history.jsonl, appended live)
@@ -47,6 +47,7 @@ from tlkit.errors import ConfigError, TlkitError
 from tlkit.fileio import atomic_write_text, read_json, write_json
 from tlkit.model import build_classifier
 from tlkit.model_info import model_image_size, model_name, model_sample_rate, takes_waveform
+from tlkit.multitask.model import build_multitask_classifier
 from tlkit.registration import register_serializables
 
 
@@ -250,29 +251,60 @@ class RunDir:
     # --- labels and splits -----------------------------------------------------------------
 
     def labels(self) -> list[str]:
-        """Class names in output order."""
+        """Class names in output order.
+
+        Raises:
+            ConfigError: no ``labels.json``, or a multi-task run (use :meth:`task_labels`).
+        """
+        raw = self._labels_file()
+        if isinstance(raw, dict):
+            raise ConfigError(f"run {str(self.path)!r} is a multi-task run (tasks {sorted(raw.get('tasks', {}))}); "
+                              "its classes are per task: use RunDir.task_labels()")
+        return [str(v) for v in raw]
+
+    def task_labels(self) -> dict[str, list[str]] | None:
+        """``{task: class names}`` of a multi-task run, in task order; ``None`` for a single-task run."""
+        raw = self._labels_file()
+        if not isinstance(raw, dict):
+            return None
+        return {str(task): [str(v) for v in classes] for task, classes in raw.get("tasks", {}).items()}
+
+    @property
+    def is_multitask(self) -> bool:
+        """Whether the run predicts several tasks (its ``labels.json``, else its config's ``[tasks]``)."""
+        if self.file(self.LABELS).is_file():
+            return self.task_labels() is not None
+        return bool(self.raw_config().get("tasks")) if self.file(self.CONFIG).is_file() else False
+
+    def _labels_file(self) -> Any:
         path = self.file(self.LABELS)
         if not path.is_file():
             raise ConfigError(f"run {str(self.path)!r} has no {self.LABELS}; finish it with `tlkit train` first")
-        return [str(v) for v in self._json(path)]
+        return self._json(path)
 
     def split(self, name: str = "test") -> list[Example]:
-        """The examples of one split (``train``, ``val`` or ``test``)."""
+        """The examples of one split (``train``, ``val`` or ``test``); a multi-task run's carry
+        ``tasks`` (an empty label tuple where a task's label is missing)."""
         raw = self._json(self.file(self.SPLITS))
         if name not in raw:
             raise ConfigError(f"{str(self.file(self.SPLITS))!r} has no split {name!r} (train, val, test)")
-        return [Example(r["path"], tuple(r["labels"]), r.get("group")) for r in raw[name]]
+        order = list(raw.get("tasks") or {})
+        return [Example(r["path"], tuple(r["labels"]), r.get("group"),
+                        tuple((task, tuple(r["tasks"].get(task, ()))) for task in order) if "tasks" in r else ())
+                for r in raw[name]]
 
     def write_data(self, splits: Splits) -> None:
         """``labels.json``, ``splits.json`` and (when files were skipped or ignored) ``skipped.csv``."""
-        write_json(self.file(self.LABELS), splits.class_names)
+        tasks = {t.name: list(t.classes) for t in splits.tasks}
+        write_json(self.file(self.LABELS), {"tasks": tasks} if tasks else splits.class_names)
 
         def rows(examples: list[Example]) -> list[dict[str, Any]]:
-            return [{"path": e.path, "labels": list(e.labels), "group": e.group} for e in examples]
+            return [{"path": e.path, "labels": list(e.labels), "group": e.group,
+                     **({"tasks": {t: list(labels) for t, labels in e.tasks}} if e.tasks else {})} for e in examples]
 
+        header: dict[str, Any] = {"tasks": tasks} if tasks else {"class_names": splits.class_names}
         write_json(self.file(self.SPLITS), {
-            "class_names": splits.class_names, "train": rows(splits.train), "val": rows(splits.val),
-            "test": rows(splits.test),
+            **header, "train": rows(splits.train), "val": rows(splits.val), "test": rows(splits.test),
         }, indent=None)
         if splits.skipped or splits.ignored:
             buffer = io.StringIO()
@@ -371,6 +403,10 @@ class RunDir:
                 record["folded"] = folded
         return write_json(self.file(self.CALIBRATION), record)
 
+    def write_task_calibration(self, tasks: dict[str, dict[str, Any]]) -> Path:
+        """Writes a multi-task run's ``calibration.json``: ``{"tasks": {task: {"temperature": T, ...}}}``."""
+        return write_json(self.file(self.CALIBRATION), {"tasks": tasks})
+
     def checkpoints(self, stage: str | None = None) -> Path:
         base = self.file(self.CHECKPOINTS)
         return base / stage if stage else base
@@ -439,7 +475,8 @@ class RunDir:
                 _compile_as_saved(model, model_path)
             return model
         cfg = self.config()
-        labels = self.labels()
+        task_labels = self.task_labels()
+        labels = self.labels() if task_labels is None else []
         spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
                         modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
         weights = self.file(self.WEIGHTS)
@@ -449,6 +486,15 @@ class RunDir:
         if spec.modality == "audio" and not (augmentation is None or isinstance(augmentation, AudioAugmentation)):
             augmentation = AudioAugmentation()
         size = tuple(status["image_size"]) if status.get("image_size") else None
+        if task_labels is not None:
+            multi = {t["name"]: bool(t.get("multi_label")) for t in status.get("tasks", [])}
+            model = build_multitask_classifier(
+                spec, [(task, len(classes), multi.get(task, False)) for task, classes in task_labels.items()],
+                weights="pretrained", head=cfg.head, augmentation=augmentation, image_size=size,  # type: ignore[arg-type]
+                seed=cfg.seed, name=model_name(cfg.name),
+            )
+            model.load_weights(weights)
+            return model
         model = build_classifier(
             spec, len(labels), weights="pretrained", head=cfg.head, augmentation=augmentation,
             image_size=size, seed=cfg.seed, name=model_name(cfg.name),  # type: ignore[arg-type]
@@ -482,10 +528,14 @@ def _refreeze(model: keras.Model) -> None:
     """Re-applies frozen flags after loading: Keras rebuilds the sublayers of some layers
     (``MultiHeadAttention``'s query/key/value projections in Whisper's blocks) as trainable even
     when their parent was saved frozen, so a loaded run had more trainable variables than the
-    saved one (and Keras warned that the saved optimizer did not fit)."""
+    saved one (and Keras warned that the saved optimizer did not fit). Runs saved since
+    :class:`tlkit.backbones.layers.MultiHeadAttention` do not need it; older runs do."""
     for layer in model._flatten_layers(include_self=False):
         if not layer.trainable:
-            layer.trainable = False  # the setter propagates to every sublayer
+            # Called directly: on the TensorFlow backend ``layer.trainable = False`` is skipped when
+            # the flag is already False (keras/src/backend/tensorflow/trackable.py), so the
+            # sublayers would never hear of it. The setter propagates to every sublayer.
+            keras.layers.Layer.trainable.fset(layer, False)
 
 
 def _compile_as_saved(model: keras.Model, path: Path) -> None:
