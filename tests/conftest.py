@@ -109,3 +109,66 @@ def write_image_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: i
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+# --------------------------------------------------------------------------- multi-task runs
+
+
+MULTITASK_STAGES = [
+    {"name": "head", "epochs": 1},  # solved per task on cached features
+    {"name": "top", "epochs": 3, "unfreeze": 1, "learning_rate": 0.003},
+]
+
+
+def write_multitask_manifest(root: Path, n_per_class: int = 10, seed: int = 0) -> Path:
+    """:func:`colour_images` as PNGs plus ``labels.csv`` with two tasks: ``task:colour``
+    (single-label red/green/blue) and ``task:tags`` (multi-label: red ``warm``, green
+    ``cool|natural``, blue ``cool``). Every 4th row lacks its tags, every 5th its colour
+    (never both). Returns the manifest's path."""
+    from PIL import Image
+
+    images, labels = colour_images(n_per_class, 40, seed)
+    names, tags = ["red", "green", "blue"], ["warm", "cool|natural", "cool"]
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["path,task:colour,task:tags"]
+    for index, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / f"{index:03d}.png")
+        colour = "" if index % 5 == 4 else names[label]
+        tag = "" if index % 4 == 3 and colour else tags[label]
+        lines.append(f"{index:03d}.png,{colour},{tag}")
+    manifest = root / "labels.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def multitask_config(tmp: Path, manifest: Path, backbone: str = "tiny_test", **overrides: object) -> dict:
+    """A tiny two-task run config (``[tasks]`` naming both columns) as a raw dict."""
+    raw: dict = {
+        "name": "multitask", "output_dir": str(tmp / "run"), "seed": 0,
+        "data": {"manifest": str(manifest), "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
+        "backbone": {"name": backbone}, "augmentation": {"enabled": False},
+        "tasks": {"colour": {"column": "task:colour"}, "tags": {"column": "task:tags", "multi_label": True,
+                                                                  "loss_weight": 0.5}},
+        "schedule": {"stages": [dict(stage) for stage in MULTITASK_STAGES]},
+        "training": {"verbose": 0},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def multitask_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny two-task run directory (tasks ``colour``: red/green/blue and ``tags``:
+    multi-label cool/natural/warm; some rows lack one task's label). Built once per session with
+    its own backbone name, unregistered afterwards (the run reloads without it)."""
+    from tlkit.config import config_from_dict
+    from tlkit.run import train
+
+    tmp = tmp_path_factory.mktemp("multitask_run")
+    spec = backbones.register(tiny_spec("tiny_multitask_fixture"), overwrite=True)
+    try:
+        manifest = write_multitask_manifest(tmp / "data")
+        result = train(config_from_dict(multitask_config(tmp, manifest, spec.name)))
+    finally:
+        backbones.unregister(spec.name)
+    return result.run_dir

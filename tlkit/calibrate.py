@@ -35,18 +35,22 @@ class Calibration:
         return asdict(self)
 
 
-def fold_temperature(model: keras.Model, temperature: float) -> None:
-    """Divides the ``logits`` layer's kernel and bias by ``temperature`` (in place)."""
-    layer = model.get_layer("logits")
+def fold_temperature(model: keras.Model, temperature: float, layer_name: str = "logits") -> None:
+    """Divides the ``layer_name`` Dense layer's kernel and bias by ``temperature`` (in place); a
+    multi-task model has one per task, ``<task>_logits``."""
+    layer = model.get_layer(layer_name)
     layer.set_weights([np.asarray(w) / temperature for w in layer.get_weights()])
 
 
 def calibrate_model(
     model: keras.Model, y_true: np.ndarray, probabilities: np.ndarray, *, multi_label: bool = False,
+    layer_name: str = "logits",
 ) -> Calibration | None:
     """Fits a temperature on validation predictions of ``model`` and folds it into the model.
 
     Args:
+        layer_name: the Dense layer whose output the probabilities are computed from (a
+            multi-task model: ``<task>_logits``, with that task's labelled validation rows).
         y_true: (N,) indices or (N, C) one-/multi-hot targets of the validation split.
         probabilities: (N, C) the model's validation probabilities (as the run scores them,
             e.g. averaged over audio crops).
@@ -67,5 +71,5 @@ def calibrate_model(
     after = nll(truth, apply_temperature(probs, temperature, multi_label).astype(np.float64), multi_label)
     if not after < before:
         return None
-    fold_temperature(model, temperature)
+    fold_temperature(model, temperature, layer_name)
     return Calibration(float(temperature), float(before), float(after), int(len(probs)))

@@ -42,6 +42,11 @@ Example (TOML)::
     method = "dann"                 # "coral", "dann", "reweight", "adabn" or "none"
     weight = 1.0
 
+    [tasks.accent]                  # optional: several label columns of a manifest (docs/multitask.md)
+    column = "accent"               # default "task:<name>", then "<name>"
+    multi_label = false             # cells split on "|" when true
+    loss_weight = 1.0
+
     [card]                          # optional: what the exported model_card.md says the model is for
     intended_use = "Sorting flower photos for a garden app; not for identifying toxic plants."
     limitations = "Trained on daylight photos of 5 species; other species get one of the 5 labels."
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +169,37 @@ class CardConfig:
         _check_fields(self, "card")
 
 
+#: What a task name may be: it names model outputs and layers (``<task>_logits``) and files.
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """``[tasks.<name>]``: one label column of a manifest, predicted by its own head.
+
+    Attributes:
+        name: identifier-like (``[A-Za-z_][A-Za-z0-9_]*``); the model's output of this task.
+        column: the manifest column; ``None``: ``task:<name>`` when the manifest has it, else ``<name>``.
+        multi_label: the column's cells hold several labels split on ``|`` (sigmoid head).
+        loss_weight: this task's share of the training loss (>= 0).
+    """
+
+    name: str
+    column: str | None = None
+    multi_label: bool = False
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, f"tasks.{self.name}")
+        if not TASK_NAME.fullmatch(self.name):
+            raise ConfigError(f"[tasks] task name {self.name!r} must be identifier-like (letters, digits, '_', "
+                              "not starting with a digit); rename the [tasks.<name>] table")
+        if self.loss_weight < 0:
+            raise ConfigError(f"[tasks.{self.name}] loss_weight must be >= 0, got {self.loss_weight}")
+        if self.column is not None and not self.column.strip():
+            raise ConfigError(f"[tasks.{self.name}] column must name a manifest column, got {self.column!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``tlkit train`` needs. ``source`` is the config file it came from."""
@@ -179,12 +216,16 @@ class RunConfig:
     card: CardConfig = field(default_factory=CardConfig)
     seed: int = 0
     source: str | None = None
+    tasks: tuple[TaskConfig, ...] = ()  # several label columns (sorted by name); empty: one label
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict that :func:`config_from_dict` reads back to an equal config."""
         raw = dataclasses.asdict(self)
         raw["schedule"] = {"stages": [dataclasses.asdict(s) for s in self.schedule.stages]}
         raw["augmentation"] = dataclasses.asdict(self.augmentation) if self.augmentation else {"enabled": False}
+        raw.pop("tasks")
+        if self.tasks:  # the [tasks] table's own shape; single-task configs stay as they were
+            raw["tasks"] = {t.name: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for t in self.tasks}
         return raw
 
 
@@ -272,7 +313,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
     raw = dict(raw)
     base = Path(base_dir)
     allowed = {"name", "output_dir", "data", "backbone", "head", "augmentation", "schedule", "training", "adaptation", "card",
-               "seed", "source"}
+               "seed", "source", "tasks"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(allowed)}")
@@ -296,6 +337,10 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
         backbone["weights"] = None
     elif isinstance(backbone.get("weights"), str) and backbone["weights"] != "pretrained":
         backbone["weights"] = str(_resolve(base, backbone["weights"]))
+    tasks = _tasks(raw.get("tasks"))
+    if tasks and not data.get("manifest"):
+        raise ConfigError("[tasks] needs `[data] manifest` (a CSV with one column per task); class folders "
+                          "carry a single label. Remove [tasks] or list the files in a manifest")
     name = top.get("name") or Path(source or "run").stem
     output_dir = str(_resolve(base, top.get("output_dir") or f"runs/{name}"))
     return RunConfig(
@@ -311,7 +356,24 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: st
         card=_build(CardConfig, raw.get("card"), "card"),
         seed=top.get("seed", 0),
         source=source,
+        tasks=tasks,
     )
+
+
+def _tasks(raw: Any) -> tuple[TaskConfig, ...]:
+    """``[tasks]``: a table of ``[tasks.<name>]`` tables -> TaskConfigs sorted by name (Keras orders
+    a dict of model outputs by key, so tlkit's task order is the sorted one everywhere)."""
+    table = _table(raw, "tasks")
+    built = []
+    for name in sorted(table):
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+            raise ConfigError(f"[tasks] task name {name!r} must be identifier-like (letters, digits, '_', not "
+                              "starting with a digit); rename the [tasks.<name>] table")
+        body = _table(table[name], f"tasks.{name}")
+        if "name" in body and body.pop("name") != name:
+            raise ConfigError(f"[tasks.{name}] name must match its table name {name!r}")
+        built.append(_build(TaskConfig, {"name": name, **body}, f"tasks.{name}"))
+    return tuple(built)
 
 
 def _adaptation(raw: Any, base: Path) -> dict[str, Any]:

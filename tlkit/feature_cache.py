@@ -100,16 +100,16 @@ def _features(
     if isinstance(data, Batches):
         # predict runs the extractor as a compiled function (several times faster than eager calls).
         features = np.asarray(extractor.predict(data.in_order().map(lambda x, y: x), verbose=0), np.float32)
-        labels = np.concatenate([np.asarray(y) for _, y in data.in_order()])
+        labels = _concatenate([y for _, y in data.in_order()])
         template = data
     else:
         feats, labs = [], []
         for _ in range(max(1, passes)):
             for x, y in data:
                 feats.append(np.asarray(extractor.predict_on_batch(x), np.float32))
-                labs.append(np.asarray(y))
-        features, labels = np.concatenate(feats), np.concatenate(labs)
-        template = Batches(tf.data.Dataset.range(0), len(features), len(labs[0]), shuffle=shuffle)
+                labs.append(y)
+        features, labels = np.concatenate(feats), _concatenate(labs)
+        template = Batches(tf.data.Dataset.range(0), len(features), len(feats[0]), shuffle=shuffle)
     if mode == "disk" or features.nbytes > memory_limit:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path.with_suffix(".features.npy"), features)
@@ -118,12 +118,18 @@ def _features(
 
         def rows() -> Any:
             for i in range(len(stored)):
-                yield np.asarray(stored[i]), labels[i]
+                yield np.asarray(stored[i]), tf.nest.map_structure(lambda column: column[i], labels)
 
-        signature = (tf.TensorSpec(stored.shape[1:], tf.float32), tf.TensorSpec(labels.shape[1:], labels.dtype))
+        signature = (tf.TensorSpec(stored.shape[1:], tf.float32),
+                     tf.nest.map_structure(lambda column: tf.TensorSpec(column.shape[1:], column.dtype), labels))
         examples = tf.data.Dataset.from_generator(rows, output_signature=signature).apply(
             tf.data.experimental.assert_cardinality(len(stored))
         )
     else:
         examples = tf.data.Dataset.from_tensor_slices((features, labels))
     return features, labels, template.with_examples(examples)
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    """Batches of targets -> one array (or, for a multi-task model's dict of targets, one per task)."""
+    return tf.nest.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *batches)

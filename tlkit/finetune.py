@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from tlkit.adaptation.training import Adapter, StagePlan
-from tlkit.checkpointing import StageCheckpoint, restore_backup
+from tlkit.checkpointing import StageCheckpoint, check_workers_agree, restore_backup
 from tlkit.config import AdaptationConfig
 from tlkit.data.batches import Batches
 from tlkit.errors import ConfigError
@@ -157,7 +157,7 @@ def fine_tune(
     *,
     head: HeadConfig | None = None,
     loss: Any = None,
-    metrics: Sequence[Any] | None = None,
+    metrics: Sequence[Any] | dict[str, Sequence[Any]] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     strategy: tf.distribute.Strategy | None = None,
     class_weight: dict[int, float] | None = None,
@@ -183,7 +183,8 @@ def fine_tune(
             yields by default (then the default loss and metrics are the sparse ones).
         schedule: default ``Schedule.fine_tune()``.
         head: the head config, for the default loss and metrics (default: the model's own).
-        loss / metrics: override the defaults (cross-entropy matching the head; accuracy).
+        loss / metrics: override the defaults (cross-entropy matching the head; accuracy); a
+            model with a dict of outputs takes dicts keyed by output name (see :mod:`tlkit.multitask`).
         run_dir: where checkpoints, TensorBoard logs and ``history.json`` go. With a run
             directory, calling again after an interruption resumes: finished stages are
             skipped (their final weights loaded) and the current stage restarts from its
@@ -219,7 +220,7 @@ def fine_tune(
     """
     schedule = schedule or Schedule.fine_tune()
     head = head or getattr(model, "tlkit_head", None) or HeadConfig()
-    num_classes = int(model.output.shape[-1])
+    num_classes = int(keras.tree.flatten(model.output)[0].shape[-1])  # a multi-task model: its first output
     sparse = integer_labels(train)
     loss = loss or classification_loss(head, sparse=sparse)
     strategy = strategy or tf.distribute.get_strategy()
@@ -240,13 +241,22 @@ def fine_tune(
     if adapter is not None:
         adapter.prepare(train)
 
-    def metric_list() -> list[Any]:
-        return list(metrics) if metrics is not None else classification_metrics(head, num_classes, sparse=sparse)
+    def metric_list() -> Any:
+        # In the strategy's scope: metric variables made outside it are plain per-worker variables,
+        # and a multi-worker fit / evaluate then reports the chief's shard of the data, not the split.
+        with strategy.scope():
+            if isinstance(metrics, dict):  # per-output metrics of a multi-task model
+                return {name: _in_scope(values, strategy) for name, values in metrics.items()}
+            if metrics is not None:
+                return _in_scope(metrics, strategy)
+            return classification_metrics(head, num_classes, sparse=sparse)
 
     for stage in schedule.stages:
         stage_dir = run.checkpoints(stage.name) if run is not None else None
         result.stage_boundaries.append(epochs_done)
-        if stage_dir is not None and (stage_dir / "done.json").is_file():
+        finished = stage_dir is not None and (stage_dir / "done.json").is_file()
+        check_workers_agree(strategy, int(finished), f"whether stage {stage.name!r} is finished", stage_dir)
+        if finished:
             model.load_weights(stage_dir / "final.weights.h5")
             epochs_done += len([r for r in records if r["stage"] == stage.name])
             _print(verbose, f"stage {stage.name!r} already finished in {run.path}; loaded its weights")
@@ -345,6 +355,7 @@ def _run_stage(
     with strategy.scope():  # restoring builds the optimizer's slots: they must belong to the strategy
         resumed = restore_backup(fit_model, stage_dir, prefix) if stage_dir is not None else None
     initial = resumed.epoch if resumed else 0
+    check_workers_agree(strategy, initial, f"the epoch stage {stage.name!r} resumes after", stage_dir)
     records[:] = [r for r in records if r["stage"] != stage.name or r["stage_epoch"] <= initial]
     _print(
         verbose,
@@ -397,6 +408,15 @@ def _leave_plain_optimizer(
     with strategy.scope():
         model.compile(optimizer=keras.optimizers.Adam(schedule.stages[-1].learning_rate), loss=loss, metrics=metrics)
         model.optimizer.build(model.trainable_variables)
+
+
+def _in_scope(metrics: Sequence[Any], strategy: tf.distribute.Strategy) -> list[Any]:
+    """``metrics`` (names or ``keras.metrics.Metric`` objects) as a list; under a strategy with several
+    replicas each Metric object is rebuilt from its config in the current (the strategy's) scope, so its
+    variables are the strategy's (a caller's metric made outside the scope would count one worker only)."""
+    if strategy.num_replicas_in_sync == 1:
+        return list(metrics)
+    return [type(m).from_config(m.get_config()) if isinstance(m, keras.metrics.Metric) else m for m in metrics]
 
 
 def _seed(data: Any) -> int:

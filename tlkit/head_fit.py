@@ -107,11 +107,18 @@ def _fit_linear(cache: FeatureCache, multi_label: bool, class_weight: dict[int, 
         weights, bias, chosen, scores = _multi_label(z, targets, zv, val_targets, seed, sample_weight)
     else:
         weights, bias, chosen, scores = _single_label(z, targets, zv, val_targets, class_weight, seed, sample_weight)
-    logits = cache.head.get_layer("logits")
+    logits = _logits_layer(cache.head)
     kernel = (weights / std[None, :]).T
     offset = bias - weights @ (mean / std)
     logits.set_weights([kernel.astype(np.float32), offset.astype(np.float32)])
     return HeadFit("lbfgs", 0.0, C=chosen, scores=scores)
+
+
+def _logits_layer(head: keras.Model) -> keras.layers.Layer:
+    """The head's output Dense layer: ``logits``, or a multi-task head's ``<task>_logits`` (its last Dense)."""
+    if "logits" in [layer.name for layer in head.layers]:
+        return head.get_layer("logits")
+    return [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)][-1]
 
 
 def _single_label(

@@ -169,6 +169,64 @@ def build_classifier(
     head = head or HeadConfig()
     if num_classes < (1 if head.multi_label else 2):
         raise ConfigError(f"num_classes must be at least 2 for single-label classification, got {num_classes}")
+    trunk = build_trunk(backbone, weights=weights, head=head, augmentation=augmentation, image_size=image_size,
+                        seed=seed)
+    outputs = add_head(trunk.features, head, num_classes, head.multi_label)
+    return trunk.model(outputs, head, name)
+
+
+def add_head(x: Any, head: HeadConfig, num_classes: int, multi_label: bool, prefix: str = "",
+             output_name: str = "probabilities") -> Any:
+    """The head layers on pooled features ``x`` (B, C): ``<prefix>dropout_<i>`` -> ``<prefix>hidden_<i>``
+    -> ``<prefix>dropout`` -> ``<prefix>logits`` -> ``output_name`` (softmax, or sigmoid when
+    ``multi_label``), float32 probabilities (B, num_classes)."""
+    for index, units in enumerate(head.hidden_units):
+        if head.dropout:
+            x = keras.layers.Dropout(head.dropout, name=f"{prefix}dropout_{index}")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"{prefix}hidden_{index}")(x)
+    if head.dropout:
+        x = keras.layers.Dropout(head.dropout, name=f"{prefix}dropout")(x)
+    logits = keras.layers.Dense(num_classes, name=f"{prefix}logits")(x)
+    activation = "sigmoid" if multi_label else "softmax"
+    return keras.layers.Activation(activation, dtype="float32", name=output_name)(logits)
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """Everything of a classifier up to its pooled features: raw input -> ... -> ``pool``.
+
+    Attributes:
+        spec: the backbone spec (resolved by the backbone's loader).
+        backbone: the backbone layer (``"backbone"``), BatchNorm frozen when the head says so.
+        inputs: the raw-input ``keras.Input``; features: the pooled (B, C) tensor.
+    """
+
+    spec: BackboneSpec
+    backbone: Any
+    inputs: Any
+    features: Any
+
+    def model(self, outputs: Any, head: HeadConfig, name: str) -> keras.Model:
+        """The functional model from the raw input to ``outputs`` (a tensor or a dict of them), with
+        ``tlkit_spec``, ``tlkit_groups`` and ``tlkit_head`` attached."""
+        model = keras.Model(self.inputs, outputs, name=name)
+        model.tlkit_spec = self.spec  # type: ignore[attr-defined]
+        model.tlkit_groups = resolve_groups(self.spec, self.backbone)  # type: ignore[attr-defined]
+        model.tlkit_head = head  # type: ignore[attr-defined]
+        return model
+
+
+def build_trunk(
+    backbone: str | BackboneSpec,
+    *,
+    weights: str | None = "pretrained",
+    head: HeadConfig,
+    augmentation: Augmentation | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    seed: int | None = None,
+) -> Trunk:
+    """The shared part of every tlkit classifier (see :func:`build_classifier` for the arguments):
+    ``resize``/``frontend`` -> ``preprocess`` -> ``augment`` -> ``backbone`` -> ``pool``."""
     spec = get_spec(backbone)
     if spec.modality == "image":
         size = _image_size(spec, image_size)
@@ -184,21 +242,7 @@ def build_classifier(
         if augment is not None:
             x = augment(x)
     x = base(x)
-    x = _pool(spec, x, head.pooling)
-    for index, units in enumerate(head.hidden_units):
-        if head.dropout:
-            x = keras.layers.Dropout(head.dropout, name=f"dropout_{index}")(x)
-        x = keras.layers.Dense(units, activation="relu", name=f"hidden_{index}")(x)
-    if head.dropout:
-        x = keras.layers.Dropout(head.dropout, name="dropout")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
-    activation = "sigmoid" if head.multi_label else "softmax"
-    outputs = keras.layers.Activation(activation, dtype="float32", name="probabilities")(logits)
-    model = keras.Model(inputs, outputs, name=name)
-    model.tlkit_spec = spec  # type: ignore[attr-defined]
-    model.tlkit_groups = resolve_groups(spec, base)  # type: ignore[attr-defined]
-    model.tlkit_head = head  # type: ignore[attr-defined]
-    return model
+    return Trunk(spec, base, inputs, _pool(spec, x, head.pooling))
 
 
 def _image_size(spec: BackboneSpec, image_size: int | tuple[int, int] | None) -> tuple[int, int]:

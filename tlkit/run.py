@@ -38,6 +38,8 @@ from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.finetune import FineTuneResult, fine_tune
 from tlkit.model import build_classifier, classification_loss, classification_metrics
 from tlkit.model_info import model_name
+from tlkit.multitask.manifest import resolve_tasks
+from tlkit.multitask.train import train_multitask
 from tlkit.rundir import InputContract, RunDir
 from tlkit.transfer_report import RunSplits, finish_report, measure_baselines
 
@@ -53,7 +55,7 @@ class RunResult:
 
     run_dir: Path
     model: keras.Model
-    class_names: list[str]
+    class_names: list[str]  # a multi-task run: {task: class names}
     history: FineTuneResult | None
     test_metrics: dict[str, float]
 
@@ -75,12 +77,19 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
 class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes what Keras 3's ``fit`` hands it.
 
-    Keras 3 (3.15, keras-team/keras#20585) calls ``strategy.reduce`` on a whole ``(x, y)`` batch
-    structure (its symbolic build, which needs only the shapes) and with ``axis=0`` on scalar
-    metric values; the collective strategy reduces one value at a time, only in float and int32/64,
-    and has no axis 0 on a scalar, so ``fit`` fails on the first batch. Here each value is reduced
-    alone, scalars across replicas; a batch of uint8 pixels (no collective carries it) comes back
-    as this worker's own, which is all the symbolic build looks at.
+    Keras 3 (3.15, keras-team/keras#20585) calls ``strategy.reduce`` in three ways:
+
+    - ``("MEAN", (x, y) batch, axis=None)`` in its symbolic build, which only reads the shapes. The
+      collective strategy all-reduces one value at a time, only in float and int32/64, and only
+      when every worker's shard has the same shape (a last batch of 5 on 2 workers is 3 + 2), so a
+      batch tensor (rank >= 1, not a variable) comes back as this worker's own here;
+    - ``("MEAN", per-step metric value, axis=0)``: a scalar has no axis 0, so scalars are reduced
+      across replicas as they are;
+    - ``(SUM, metric variable, axis=None)`` when a metric is read outside a step: reduced across
+      every worker as TensorFlow does it. This is where ``fit`` and ``evaluate`` take their final
+      logs from, so the metric variables must have been made in this strategy's scope (see
+      ``tlkit.finetune``); made outside it they are plain per-worker variables and the logs are the
+      chief's shard only.
     """
 
     def reduce(self, reduce_op: Any, value: Any, axis: int | None) -> Any:
@@ -89,16 +98,19 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
             dtype = getattr(local, "dtype", None)
             if dtype is not None and not (dtype.is_floating or dtype in (tf.int32, tf.int64)):
                 return local
-            scalar = getattr(getattr(local, "shape", None), "rank", None) == 0
-            return super(_MultiWorkerStrategy, self).reduce(reduce_op, item, None if scalar else axis)
+            rank = getattr(getattr(local, "shape", None), "rank", None)
+            if axis is None and rank and not isinstance(item, tf.Variable):
+                return local  # Keras's symbolic build: a batch, for its shapes only
+            return super(_MultiWorkerStrategy, self).reduce(reduce_op, item, None if rank == 0 else axis)
 
         return tf.nest.map_structure(one, value)
 
 
 def load_run_model(run_dir: str | Path) -> tuple[keras.Model, list[str]]:
-    """The final model of a run and its class names (see :meth:`tlkit.rundir.RunDir.load_model`)."""
+    """The final model of a run and its class names (see :meth:`tlkit.rundir.RunDir.load_model`);
+    for a multi-task run, ``{task: class names}``."""
     run = RunDir(run_dir)
-    return run.load_model(), run.labels()
+    return run.load_model(), run.task_labels() or run.labels()  # type: ignore[return-value]
 
 
 def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, baselines: bool = True) -> RunResult:
@@ -112,6 +124,10 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     # First: a multi-worker strategy must exist before any TensorFlow op runs.
     strategy = make_strategy(cfg.training.distribute)
     verbose = cfg.training.verbose if verbose is None else verbose
+    cfg = resolve_tasks(cfg)  # several label columns: one head per task (tlkit.multitask.train)
+    if cfg.tasks:
+        done = train_multitask(cfg, strategy, verbose=verbose, baselines=baselines)
+        return RunResult(done.run_dir, done.model, done.task_labels, done.history, done.test_metrics)  # type: ignore[arg-type]
     # Multi-worker: only the chief writes output_dir; the other workers write their own temp folder.
     rundir = RunDir.for_worker(cfg.output_dir) if cfg.training.distribute == "multi_worker" else RunDir(cfg.output_dir)
     run = rundir.path

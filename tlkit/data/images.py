@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +30,7 @@ from tlkit.data.batches import Batches
 from tlkit.data.listing import (
     Example,
     Listing,
+    TaskColumn,
     keep_readable_classes,
     list_folder,
     list_manifest,
@@ -83,6 +84,8 @@ class Splits:
     ignored: list[tuple[str, str]] = field(default_factory=list)
     dropped_classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Multi-task runs: one entry per task (sorted by name) with its classes; ``class_names`` is then empty.
+    tasks: tuple[TaskColumn, ...] = ()
 
     skipped_words: ClassVar[str] = "unreadable"  # what a skipped file was, in :meth:`summary`
 
@@ -97,6 +100,13 @@ class Splits:
             f"{len(self.class_names)} classes",
             f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)} (train per class: {per_class})",
         ]
+        if self.tasks:
+            parts = [f"{len(self.tasks)} tasks", f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}"]
+            for task in self.tasks:
+                labelled = [e for e in self.train if e.task_labels(task.name)]
+                counts = Counter(label for e in labelled for label in e.task_labels(task.name))
+                parts.append(f"task {task.name!r}: {len(task.classes)} classes, {len(labelled)} labelled in train ("
+                             + ", ".join(f"{name}: {counts.get(name, 0)}" for name in task.classes) + ")")
         if self.skipped:
             parts.append(f"skipped {len(self.skipped)} {self.skipped_words} file(s)")
         if self.ignored:
@@ -321,8 +331,12 @@ def make_batches(
     training: bool = False,
     seed: int = 0,
     cache: bool | str = True,
+    targets: Any = None,
 ) -> Batches:
     """Examples as :class:`~tlkit.data.batches.Batches` of ``(pixels (H, W, 3) uint8, targets (C,))``.
+
+    ``targets``: the targets to pair with the examples instead of their one-hot ``class_names``
+    rows, e.g. a dict ``{task: (N, C_task) array}`` for a multi-task model (one row per example).
 
     Files are decoded in parallel and resized once; the decoded images are cached
     (in memory, or in a file when ``cache`` is a path) so later epochs skip decoding.
@@ -336,7 +350,7 @@ def make_batches(
     if not examples:
         raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
     paths = tf.constant([e.path for e in examples])
-    targets = tf.constant(encode_labels(examples, class_names))
+    targets = encode_labels(examples, class_names) if targets is None else targets
     ds = tf.data.Dataset.from_tensor_slices((paths, targets))
     ds = ds.map(
         lambda p, t: (to_uint8(decode_and_resize(p, image_size)), t),

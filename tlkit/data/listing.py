@@ -40,11 +40,43 @@ _SHOWN = 8
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled file. ``labels`` holds one class name, or several for multi-label data."""
+    """One labelled file. ``labels`` holds one class name, or several for multi-label data.
+
+    Multi-task examples (a manifest with several label columns) carry ``tasks``: ``(task, labels)``
+    pairs in task order, an empty ``labels`` meaning the row has no label for that task; their
+    ``labels`` are those of the first task that has any (what splitting stratifies on).
+    """
 
     path: str
     labels: tuple[str, ...]
     group: str | None = None  # e.g. a patient or speaker id; splits never separate a group
+    tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def task_labels(self, name: str) -> tuple[str, ...]:
+        """This example's labels for task ``name`` (empty: missing).
+
+        Raises:
+            KeyError: the example has no task ``name``.
+        """
+        for task, labels in self.tasks:
+            if task == name:
+                return labels
+        raise KeyError(f"example {self.path!r} has no task {name!r} (tasks: {[t for t, _ in self.tasks]})")
+
+
+@dataclass(frozen=True)
+class TaskColumn:
+    """One task of a multi-task manifest: its name, its column, whether a cell holds several labels,
+    and (once the data are read) its class names in output order."""
+
+    name: str
+    column: str
+    multi_label: bool = False
+    classes: tuple[str, ...] = ()
+
+
+#: The header prefix that makes a manifest column a task (``task:accent``).
+TASK_PREFIX = "task:"
 
 
 @dataclass
@@ -127,7 +159,7 @@ def list_manifest(path: str | Path, label_separator: str = "|") -> Listing:
     rows = _manifest_rows(manifest, where, label_separator)
     if not rows:
         raise DataError(f"{where} lists no files")
-    _refuse_case_variants(rows, where)
+    refuse_case_variants(rows, where)
     multi_label = any(len(labels) > 1 for _, _, labels, _ in rows)
     folder = os.path.abspath(manifest.parent)
     first_line: dict[str, int] = {}
@@ -212,7 +244,7 @@ def _manifest_rows(
     return rows
 
 
-def _refuse_case_variants(rows: Sequence[tuple[int, str, tuple[str, ...], str | None]], where: str) -> None:
+def refuse_case_variants(rows: Sequence[tuple[int, str, tuple[str, ...], str | None]], where: str) -> None:
     """Labels that differ only in case are one class spelt two ways (``Cat`` and ``cat``)."""
     spellings: dict[str, dict[str, int]] = {}
     for line, _, labels, _ in rows:
