@@ -10,12 +10,17 @@ module reads one, or a single artifact copied out of one, without the exporter::
         model.onnx                   ONNX at a fixed image size, any batch (optional extra: tlkit[onnx])
         labels.txt                   class names, one a line, in output order
         metadata.json                labels, modality, sample rate, input contract per artifact
+                                     (multi-task: ``tasks``, see :mod:`tlkit.task_outputs`)
 
 Every predictor has ``.labels`` and ``.predict_one(example) -> (C,) float32 probabilities``
 for one raw example: (H, W, 3) float pixels 0..255 of any size, or a (samples,) waveform;
 ``.prepare(example)`` gives the example as the artifact itself sees it. SavedModel and
 ``.keras`` predictors also have ``.predict_batch(batch) -> (B, C)`` for same-shape
-examples (TFLite files take batch 1).
+examples (TFLite files take batch 1). A multi-task export's predictors also have ``.tasks``
+(a :class:`tlkit.task_outputs.TaskLayout`): their probabilities are the tasks' concatenated in
+task order, ``.labels`` the matching ``task:class`` names, and ``tasks.split(p)`` gives
+``{task: (C_task,)}``; each artifact's per-task outputs are found by name (the SavedModel's
+``<task>_probabilities``; the TFLite / ONNX output names recorded in ``metadata.json``).
 
 Loading a SavedModel runs its graph, and a graph can hold ops that read or write any file
 the process may touch (``ReadFile``, ``WriteFile``) or run Python (``PyFunc``).
@@ -27,7 +32,6 @@ SavedModel unless trusted. See docs/deploy.md.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,13 @@ from tlkit.audio_windows import ClipWindows
 from tlkit.errors import ExportError
 from tlkit.fileio import read_json
 from tlkit.registration import register_serializables
+from tlkit.task_outputs import TaskLayout
+
+# The TFLite runtime lives in tlkit.tflite_runtime; its names stay importable from here (re-exported).
+from tlkit.tflite_runtime import TFLitePredictor as TFLitePredictor
+from tlkit.tflite_runtime import fit_fixed as fit_fixed
+from tlkit.tflite_runtime import fit_length as fit_length
+from tlkit.tflite_runtime import make_interpreter as make_interpreter
 
 # Not "model.keras": tlkit.predict takes a directory holding model.keras for a run directory.
 KERAS_FILE = "keras_model.keras"
@@ -73,6 +84,7 @@ class SavedModelPredictor:
     labels: list[str]
     input_name: str = "image"
     windows: ClipWindows | None = None
+    tasks: TaskLayout | None = None
     _fn: Any = field(default=None, repr=False)
     _loaded: Any = field(default=None, repr=False)
 
@@ -91,7 +103,7 @@ class SavedModelPredictor:
             batch = tf.constant(np.clip(np.rint(example), 0, 255).astype(np.uint8)[None])
         else:
             batch = tf.constant(np.asarray(example, np.float32)[None])
-        return np.asarray(self._fn(**{self.input_name: batch})["probabilities"])[0]
+        return self._probabilities(self._fn(**{self.input_name: batch}))[0]
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(B, ...) raw examples of one shape -> (B, C) probabilities, one signature call."""
@@ -99,68 +111,13 @@ class SavedModelPredictor:
             tensor = tf.constant(np.clip(np.rint(batch), 0, 255).astype(np.uint8))
         else:
             tensor = tf.constant(np.asarray(batch, np.float32))
-        return np.asarray(self._fn(**{self.input_name: tensor})["probabilities"])
+        return self._probabilities(self._fn(**{self.input_name: tensor}))
 
-
-@dataclass
-class TFLitePredictor:
-    """A ``.tflite`` file as a :class:`tlkit.predict.Predictor`.
-
-    ``predict_one`` takes one raw example, (H, W, 3) pixels 0..255 of any size (resized to
-    the model's fixed size with the Keras model's bilinear resize) or a (samples,)
-    waveform, and returns (C,) float32 probabilities (dequantized when the model has int8
-    outputs). With a window contract (``windows``, from ``metadata.json``) a waveform of
-    any length is scored as the run scores it: the mean over its fixed-length windows
-    (:mod:`tlkit.audio_windows`); without one it is cropped or zero-padded to the fixed length.
-    """
-
-    path: str
-    labels: list[str]
-    num_threads: int = 1
-    runtime: str = ""
-    windows: ClipWindows | None = None
-    _interpreter: Any = field(default=None, repr=False)
-    _input: dict[str, Any] = field(default_factory=dict, repr=False)
-    _output: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self._interpreter, self.runtime = make_interpreter(self.path, self.num_threads)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The fixed input shape including the batch axis, e.g. (1, 224, 224, 3)."""
-        return tuple(int(v) for v in self._input["shape"])
-
-    def prepare(self, example: np.ndarray) -> np.ndarray:
-        """One raw example fitted to the fixed input size (float32, no batch axis)."""
-        return fit_fixed(np.asarray(example, np.float32), self.input_shape[1:])
-
-    def predict_one(self, example: np.ndarray) -> np.ndarray:
-        wave = np.asarray(example, np.float32)
-        if self.windows is not None and wave.ndim == 1 and len(self.input_shape) == 2:
-            if len(wave) == self.windows.clip_samples:  # every window is the clip itself
-                return self._invoke(wave)
-            return self.windows.score(lambda rows: np.stack([self._invoke(row) for row in rows]), wave)
-        return self._invoke(self.prepare(example))
-
-    def _invoke(self, example: np.ndarray) -> np.ndarray:
-        """One example already at the fixed input size (no batch axis) -> (C,) float32."""
-        x = np.asarray(example, np.float32)[None]
-        scale, zero_point = self._input["quantization"]
-        dtype = self._input["dtype"]
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            x = np.clip(np.rint(x / scale + zero_point), info.min, info.max)
-        self._interpreter.set_tensor(self._input["index"], x.astype(dtype))
-        self._interpreter.invoke()
-        y = self._interpreter.get_tensor(self._output["index"])[0]
-        scale, zero_point = self._output["quantization"]
-        if np.issubdtype(y.dtype, np.integer):
-            y = (y.astype(np.float32) - zero_point) * scale
-        return y.astype(np.float32)
+    def _probabilities(self, outputs: dict[str, Any]) -> np.ndarray:
+        """(B, C) from the signature's outputs: ``probabilities``, or every ``<task>_probabilities`` joined."""
+        if self.tasks is None:
+            return np.asarray(outputs["probabilities"])
+        return self.tasks.join({t: outputs[f"{t}_probabilities"] for t in self.tasks.names})
 
 
 @dataclass
@@ -174,6 +131,7 @@ class KerasFilePredictor:
     path: str
     labels: list[str]
     windows: ClipWindows | None = None
+    tasks: TaskLayout | None = None
     _model: Any = field(default=None, repr=False)
     _batch_fn: Any = field(default=None, repr=False)
 
@@ -188,12 +146,12 @@ class KerasFilePredictor:
         x = np.asarray(example, np.float32)
         if self.windows is not None and x.ndim == 1:
             return self.predict_batch(x[None])[0]
-        return np.asarray(self._model(x[None], training=False))[0]
+        return np.asarray(join_outputs(self._model(x[None], training=False), self.tasks))[0]
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(B, ...) raw examples of one shape -> (B, C) probabilities, through one compiled function."""
         if self._batch_fn is None:
-            self._batch_fn = compiled_predict(self._model)
+            self._batch_fn = compiled_predict(self._model, self.tasks)
         rows = np.asarray(batch, np.float32)
         if self.windows is not None and rows.ndim == 2:
             return np.stack([self.windows.score(lambda w: self._batch_fn(tf.constant(w)), row) for row in rows])
@@ -213,6 +171,8 @@ class OnnxPredictor:
 
     path: str
     labels: list[str]
+    tasks: TaskLayout | None = None
+    output_names: dict[str, str] | None = None
     _session: Any = field(default=None, repr=False)
     _input: Any = field(default=None, repr=False)
 
@@ -227,10 +187,14 @@ class OnnxPredictor:
             return cls(str(path), labels_beside(path))
         except ExportError:
             session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            embedded = session.get_modelmeta().custom_metadata_map.get("labels")
+            props = session.get_modelmeta().custom_metadata_map
+            embedded = props.get("labels")
             if not embedded:
                 raise
-            return cls(str(path), [str(v) for v in json.loads(embedded)])
+            tasks = json.loads(props["tasks"]) if props.get("tasks") else None  # a multi-task file
+            return cls(str(path), [str(v) for v in json.loads(embedded)],
+                       tasks=TaskLayout.from_metadata({"tasks": tasks}) if tasks else None,
+                       output_names={t: str(e["output"]) for t, e in tasks.items()} if tasks else None)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -245,7 +209,12 @@ class OnnxPredictor:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         x = np.stack([self.prepare(example) for example in batch]).astype(np.float32)
-        return np.asarray(self._session.run(None, {self._input.name: x})[0], np.float32)
+        if self.tasks is None:
+            return np.asarray(self._session.run(None, {self._input.name: x})[0], np.float32)
+        # Multi-task: each task's output by the name metadata.json records (default: the task's name).
+        names = self.output_names or {t: t for t in self.tasks.names}
+        values = self._session.run(list(names.values()), {self._input.name: x})
+        return self.tasks.join(dict(zip(names, values)))
 
 
 def onnxruntime_module() -> Any:
@@ -257,13 +226,34 @@ def onnxruntime_module() -> Any:
     return onnxruntime
 
 
-def compiled_predict(model: Any) -> Any:
+def compiled_predict(model: Any, tasks: TaskLayout | None = None) -> Any:
     """``model(x, training=False)`` as one ``tf.function``: (B, ...) uint8 or float32 tensor -> (B, C).
 
     Traced once per input shape class (``reduce_retracing``: a new batch size or image size
     generalises the trace instead of adding one per shape), so many files cost one graph.
+    A multi-task model's dict of outputs comes back joined in ``tasks`` order (:func:`join_outputs`).
     """
-    return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    return tf.function(lambda x: join_outputs(model(tf.cast(x, tf.float32), training=False), tasks),
+                       reduce_retracing=True)
+
+
+def join_outputs(outputs: Any, tasks: TaskLayout | None) -> Any:
+    """A model call's result as one (B, C) tensor: a multi-task model's dict ``{task: (B, C_task)}``
+    concatenated in ``tasks`` order (all its outputs, by name: never by position, which Keras sorts);
+    a single output as it is.
+
+    Raises:
+        ExportError: the model returns a dict but no layout says the task order, or lacks a task.
+    """
+    if not isinstance(outputs, dict):
+        return outputs
+    if tasks is None:
+        raise ExportError(f"the model returns several outputs ({sorted(outputs)}) but no task order is known; "
+                          "read it through RunDir (labels.json) or an export's metadata.json")
+    missing = [t for t in tasks.names if t not in outputs]
+    if missing:
+        raise ExportError(f"the model has no output for task(s) {missing}; it returns {sorted(outputs)}")
+    return tf.concat([tf.cast(outputs[t], tf.float32) for t in tasks.names], axis=-1)
 
 
 def load_exported_predictor(
@@ -280,17 +270,33 @@ def load_exported_predictor(
         ExportError: the artifact is recognised but its labels cannot be found.
     """
     p = Path(path)
-    windows = ClipWindows.from_metadata(metadata_beside(p))  # audio exports: how a clip is windowed
+    metadata = metadata_beside(p)
+    windows = ClipWindows.from_metadata(metadata)  # audio exports: how a clip is windowed
+    tasks = TaskLayout.from_metadata(metadata)  # multi-task exports: the tasks and their classes
     if p.is_dir() and (p / SAVED_MODEL_FILE).is_file() and (p / METADATA_FILE).is_file():
-        spec = metadata_beside(p).get("artifacts", {}).get("savedmodel", {}).get("input", {})
+        spec = metadata.get("artifacts", {}).get("savedmodel", {}).get("input", {})
         return SavedModelPredictor(str(p), labels_beside(p / SAVED_MODEL_FILE), input_name=spec.get("name", "image"),
-                                   windows=windows if spec.get("windows") else None)
+                                   windows=windows if spec.get("windows") else None, tasks=tasks)
     if p.is_file() and p.suffix == ".tflite":
-        return TFLitePredictor(str(p), labels_beside(p), windows=windows)
+        return TFLitePredictor(str(p), labels_beside(p), windows=windows, tasks=tasks,
+                               output_names=task_output_names(p))
     if p.is_file() and p.suffix == ".onnx":
+        if tasks is not None:
+            return OnnxPredictor(str(p), labels_beside(p), tasks=tasks, output_names=task_output_names(p))
         return OnnxPredictor.from_file(p)
     if p.is_file() and p.suffix == ".keras" and ((p.parent / METADATA_FILE).is_file() or (p.parent / LABELS_FILE).is_file()):
-        return KerasFilePredictor(str(p), labels_beside(p), windows=windows)
+        return KerasFilePredictor(str(p), labels_beside(p), windows=windows, tasks=tasks)
+    return None
+
+
+def task_output_names(artifact: str | Path) -> dict[str, str] | None:
+    """Task -> output name of a multi-task artifact file, from its entry in the ``metadata.json``
+    beside it (``artifacts.<format>.outputs.<task>.name``); ``None`` when not recorded."""
+    p = Path(artifact)
+    for entry in (metadata_beside(p).get("artifacts") or {}).values():
+        if isinstance(entry, dict) and entry.get("path") == p.name and isinstance(entry.get("outputs"), dict):
+            names = {t: o.get("name") for t, o in entry["outputs"].items() if isinstance(o, dict)}
+            return {t: str(n) for t, n in names.items() if n} or None
     return None
 
 
@@ -325,40 +331,3 @@ def labels_beside(artifact: str | Path) -> list[str]:
         f"no class names for {str(artifact)!r}: expected {METADATA_FILE} or {LABELS_FILE} beside it "
         "(copy them along with the model file)"
     )
-
-
-def make_interpreter(path: str, num_threads: int) -> tuple[Any, str]:
-    """A LiteRT interpreter and its runtime's name; TensorFlow's deprecated ``tf.lite.Interpreter`` without it."""
-    try:  # optional: LiteRT, the maintained TFLite runtime
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        with warnings.catch_warnings():
-            # tf.lite.Interpreter warns it is deprecated; it is the documented fallback here.
-            warnings.simplefilter("ignore")
-            return tf.lite.Interpreter(model_path=path, num_threads=num_threads), "tf.lite (deprecated)"
-    return Interpreter(model_path=path, num_threads=num_threads), "ai_edge_litert"
-
-
-def fit_fixed(example: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """One raw example at a fixed input shape (no batch axis): images resized, audio cropped.
-
-    ``shape`` is (H, W, 3) or (samples,); an image already at (H, W) comes back unchanged.
-    """
-    if len(shape) == 3:
-        if tuple(example.shape[:2]) == tuple(shape[:2]):
-            return example
-        # The same op and options as keras.layers.Resizing (bilinear, no antialias), so the
-        # resize before a TFLite model gives what the Keras model computes inside.
-        return tf.image.resize(example[None], shape[:2], method="bilinear").numpy()[0]
-    return fit_length(example, shape[0])
-
-
-def fit_length(waveform: np.ndarray, length: int) -> np.ndarray:
-    """The centre ``length`` samples of a (samples,) waveform, zero-padded equally on both
-    sides when it is shorter (the single crop of ``tlkit.data.audio.fixed_crops``)."""
-    wave = np.asarray(waveform, np.float32).reshape(-1)
-    if wave.shape[0] < length:
-        left = (length - wave.shape[0]) // 2
-        return np.pad(wave, (left, length - wave.shape[0] - left))
-    start = (wave.shape[0] - length) // 2
-    return wave[start : start + length]

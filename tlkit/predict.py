@@ -14,6 +14,10 @@ read, holds NaN or infinite samples, or for which the model returns anything but
 numbers gets a :class:`FilePrediction` with the reason in ``error`` and no probabilities;
 the other files are still scored. :func:`predict_file` is the one-file form that raises.
 
+A multi-task model (a run or export with ``tasks``, see :mod:`tlkit.task_outputs`) gives one
+vector per file, its tasks' probabilities concatenated in task order; ``FilePrediction.to_dict``
+and :func:`tlkit.task_outputs.prediction_table` give one set of top classes per task.
+
 Loading a SavedModel runs its TensorFlow graph; :func:`load_predictor` refuses one whose
 graph reads or writes files or calls Python (see :func:`tlkit.savedmodel_ops.unsafe_ops`)
 unless ``trust=True``.
@@ -32,6 +36,7 @@ import tensorflow as tf
 from tlkit.artifacts import (
     SAVED_MODEL_FILE,
     compiled_predict,
+    join_outputs,
     load_exported_predictor,
     metadata_beside,
 )
@@ -42,6 +47,7 @@ from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.model_info import takes_waveform
 from tlkit.rundir import RunDir
 from tlkit.savedmodel_ops import unsafe_ops
+from tlkit.task_outputs import TaskLayout, run_layout, top_per_task
 from tlkit.text import first_line
 
 #: What a model call can raise on one input (TensorFlow ops, Keras shape checks, TFLite).
@@ -66,7 +72,8 @@ class KerasPredictor:
 
     Audio models also carry their input contract: ``sample_rate`` (Hz), and the crop
     length ``clip_seconds`` and number of crops ``crops`` that :func:`predict_file`
-    averages (``None``: score the whole clip at once).
+    averages (``None``: score the whole clip at once). A multi-task model has ``tasks``; its
+    probabilities are the tasks' concatenated in task order (``labels``: ``task:class``).
     """
 
     model: Any
@@ -74,15 +81,16 @@ class KerasPredictor:
     sample_rate: int | None = None
     clip_seconds: float | None = None
     crops: int = 1
+    tasks: TaskLayout | None = None
     _batch_fn: Any = field(default=None, repr=False, compare=False)
 
     def predict_one(self, example: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model(example[None].astype(np.float32), training=False))[0]
+        return np.asarray(join_outputs(self.model(example[None].astype(np.float32), training=False), self.tasks))[0]
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(B, ...) raw examples of one shape -> (B, C), through one compiled function."""
         if self._batch_fn is None:
-            self._batch_fn = compiled_predict(self.model)
+            self._batch_fn = compiled_predict(self.model, self.tasks)
         return np.asarray(self._batch_fn(tf.constant(np.asarray(batch))))  # uint8 pixels or float32 audio
 
 
@@ -122,11 +130,16 @@ class FilePrediction:
             return ""
         return f"{self.seconds:.1f} s in {self.windows} window{'s' if self.windows != 1 else ''}"
 
-    def to_dict(self, labels: list[str], k: int = 3) -> dict[str, Any]:
+    def to_dict(self, labels: list[str], k: int = 3, tasks: TaskLayout | None = None) -> dict[str, Any]:
         """``{"file", "top": [[label, p], ...] or None, "error": None or the reason}`` (JSON-ready);
-        audio adds ``seconds`` (the clip's length) and ``windows`` (how many were scored)."""
-        top = None if self.probabilities is None else [list(pair) for pair in top_k(self.probabilities, labels, k)]
+        audio adds ``seconds`` (the clip's length) and ``windows`` (how many were scored).
+        With ``tasks`` (a multi-task model), ``"tasks": {task: [[class, p], ...]}`` replaces ``"top"``."""
         extra = {} if self.seconds is None else {"seconds": self.seconds, "windows": self.windows}
+        if tasks is not None:
+            per_task = None if self.probabilities is None else {
+                task: [list(pair) for pair in top] for task, top in top_per_task(self.probabilities, tasks, k).items()}
+            return {"file": self.file, "tasks": per_task, "error": self.error, **extra}
+        top = None if self.probabilities is None else [list(pair) for pair in top_k(self.probabilities, labels, k)]
         return {"file": self.file, "top": top, "error": self.error, **extra}
 
 
@@ -164,10 +177,13 @@ def load_predictor(target: str | Path, *, trust: bool = False) -> Predictor:
         run = RunDir(path)
         model = run.load_model(compile=False)
         contract = run.input_contract(model)
+        task_labels = run.task_labels()
+        tasks = run_layout(task_labels, model, run.status()) if task_labels else None
+        labels = tasks.flat_labels if tasks is not None else run.labels()
         if not contract.is_audio:
-            return KerasPredictor(model, run.labels())
-        return KerasPredictor(model, run.labels(), sample_rate=contract.sample_rate,
-                              clip_seconds=contract.clip_seconds, crops=contract.eval_crops)
+            return KerasPredictor(model, labels, tasks=tasks)
+        return KerasPredictor(model, labels, sample_rate=contract.sample_rate,
+                              clip_seconds=contract.clip_seconds, crops=contract.eval_crops, tasks=tasks)
     if not trust and path.is_dir() and (path / SAVED_MODEL_FILE).is_file():
         flagged = unsafe_ops(path)
         if flagged:

@@ -50,6 +50,18 @@ def write_misclassified(
     Columns: ``path``, ``true_label``, ``predicted_label`` (``|``-joined), ``confidence``, and
     ``worst_label`` (multi-label) or ``true_label_probability`` (single-label).
     """
+    rows = misclassified_rows(truth, probs, decided, names, row_paths, multi_label, outcome)
+    columns = ["path", "true_label", "predicted_label", "confidence"]
+    columns.append("worst_label" if multi_label else "true_label_probability")
+    write_rows(path, rows, columns)
+    return rows
+
+
+def misclassified_rows(
+    truth: np.ndarray, probs: np.ndarray, decided: np.ndarray, names: Sequence[str],
+    row_paths: Sequence[str], multi_label: bool, outcome: Outcome,
+) -> list[dict[str, Any]]:
+    """The rows of :func:`write_misclassified`, most confident mistakes first."""
     rows = []
     for i in np.flatnonzero(~outcome.correct):
         true_labels = "|".join(names[j] for j in np.flatnonzero(truth[i]))
@@ -62,12 +74,14 @@ def write_misclassified(
             row["true_label_probability"] = float(probs[i, int(truth[i].argmax())])
         rows.append(row)
     rows.sort(key=lambda r: -r["confidence"])
-    columns = ["path", "true_label", "predicted_label", "confidence"]
-    columns.append("worst_label" if multi_label else "true_label_probability")
+    return rows
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """A CSV of ``rows`` with ``columns`` (a row without a column leaves it empty; floats with 6 decimals)."""
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
-    return rows

@@ -20,9 +20,7 @@ later evaluation into the same folder replaces tlkit's files as in a run directo
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,20 @@ import numpy as np
 
 from tlkit.errors import ConfigError
 from tlkit.evaluation.metrics import operating_points
-from tlkit.evaluation.plots import PLOTS
+from tlkit.evaluation.tables import (
+    TASK_OVERVIEW_HEADERS,
+    accuracy_name,
+    baselines_section,
+    confusion_lines,
+    fmt,
+    images,
+    link,
+    md_table,
+    operating_point_lines,
+    per_class_lines,
+    summary_table,
+    task_overview_rows,
+)
 from tlkit.fileio import read_json, write_json
 from tlkit.text import format_table
 
@@ -83,6 +94,9 @@ class EvaluationReport:
         With more than ``max_classes`` classes only the ones with the lowest F1 are listed.
         """
         m = self.metrics
+        if "tasks" in m:  # a multi-task run: one line per task (report.md has a section per task)
+            table = format_table(TASK_OVERVIEW_HEADERS, task_overview_rows(m["tasks"]))
+            return f"{table}\n\neach task scored on the test rows labelled for it\nreport: {self.report}"
         auc = m["task"] != "multiclass" or any(v.get("roc_auc") is not None for v in m["per_class"].values())
         headers = ["class", "precision", "recall", "f1", "support"] + (["roc_auc"] if auc else [])
         rows = []
@@ -101,7 +115,7 @@ class EvaluationReport:
             lines.insert(
                 1, f"(the {max_classes} classes with the lowest F1 of {len(m['per_class'])}; all are in the report)"
             )
-        lines.append(f"{_accuracy_name(m)} {fmt(m['accuracy'])} on {m['count']} examples "
+        lines.append(f"{accuracy_name(m)} {fmt(m['accuracy'])} on {m['count']} examples "
                      f"(95% CI {fmt(m['accuracy_ci95'][0])}-{fmt(m['accuracy_ci95'][1])})")
         for k, v in m.get("top_k_accuracy", {}).items():
             lines.append(f"top-{k} accuracy {fmt(v)}")
@@ -208,44 +222,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number for a table: ``-`` for undefined, integers as they are, else ``digits`` decimals."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(value)
-    return f"{float(value):.{digits}f}"
-
-
-def link(path: Path, base: Path) -> str:
-    """``path`` relative to ``base``, with ``/`` separators (for links in report.md)."""
-    return Path(os.path.relpath(path, base)).as_posix()
-
-
-def _accuracy_name(metrics: dict[str, Any]) -> str:
-    return "subset accuracy (all labels right)" if metrics["task"] == "multilabel" else "accuracy"
-
-
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _ci(interval: Sequence[Any]) -> str:
-    low, high = interval
-    return "-" if low is None else f"{low:.3f}-{high:.3f}"
-
-
-def _images(plots: dict[str, Path], out: Path, *names: str) -> list[str]:
-    """Markdown image links of the drawn plots among ``names`` (captions from the registry)."""
-    return [f"![{PLOTS[name].title if name in PLOTS else name}]({link(plots[name], out)})"
-            for name in names if name in plots]
-
-
 def report_markdown(
     metrics: dict[str, Any], out: Path, run: Path, plots: dict[str, Path], gradcam: dict[str, Any],
     wrong: list[dict[str, Any]], calibration: Path | None, notes: list[str], model_file: Path | None = None,
@@ -267,73 +243,34 @@ def report_markdown(
         f"[{METRICS_FILE}]({METRICS_FILE})",
         "",
     ]
-    summary = [(_accuracy_name(m), fmt(m["accuracy"]), _ci(m["accuracy_ci95"]))]
-    summary += [(f"top-{k} accuracy", fmt(v), "") for k, v in m.get("top_k_accuracy", {}).items()]
-    which = f" ({m['positive_class']})" if m["task"] == "binary" else " (macro)"
-    summary += [
-        ("macro F1", fmt(m["macro_avg"]["f1"]), ""), ("weighted F1", fmt(m["weighted_avg"]["f1"]), ""),
-        ("ROC-AUC" + which, fmt(m["roc_auc"]), ""), ("PR-AUC / average precision" + which, fmt(m["pr_auc"]), ""),
-        ("expected calibration error", fmt(m["calibration"]["ece"]), ""),
-        ("negative log-likelihood", fmt(m["nll"]), ""), ("Brier score", fmt(m["brier"]), ""),
-    ]
-    if m["task"] == "multilabel":
-        summary.insert(1, ("label accuracy (1 - Hamming loss)", fmt(m["label_accuracy"]), ""))
-    lines += ["## Summary", "", _md_table(("metric", "value", "95% CI"), summary), ""]
+    lines += ["## Summary", "", summary_table(m), ""]
     if notes:
         lines += ["**Read with care:**", ""] + [f"- {note}" for note in notes] + [""]
     lines += _shift_section(shift)
 
-    lines += ["## Per-class metrics", ""]
-    rows = [
-        (name, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"], fmt(v["roc_auc"]), fmt(v["pr_auc"]))
-        for name, v in m["per_class"].items()
-    ]
-    macro, weighted = m["macro_avg"], m["weighted_avg"]
-    rows.append(("**macro avg**", fmt(macro["precision"]), fmt(macro["recall"]), fmt(macro["f1"]), m["support_total"],
-                 fmt(macro["roc_auc"]), fmt(macro["pr_auc"])))
-    rows.append(("**weighted avg**", fmt(weighted["precision"]), fmt(weighted["recall"]), fmt(weighted["f1"]),
-                 m["support_total"], "", ""))
-    lines += [_md_table(("class", "precision", "recall", "F1", "support", "ROC-AUC", "PR-AUC"), rows), ""]
-    lines += ["Support is the number of evaluated examples of the class. ROC-AUC and PR-AUC are "
-              + ("one-vs-rest. " if m["task"] == "multiclass" else "per class. ")
-              + "The macro average weighs every class equally; the weighted one by support.", ""]
+    lines += ["## Per-class metrics", "", *per_class_lines(m)]
 
-    points = operating_points(m)
-    if points:
-        lines += ["## Operating point", ""]
-        rows = [
-            (name, f"{p['threshold']:.3f}", p["threshold_source"],
-             f"{fmt(p['sensitivity'])} ({_ci(p['sensitivity_ci95'])})",
-             f"{fmt(p['specificity'])} ({_ci(p['specificity_ci95'])})", fmt(p["ppv"]), fmt(p["npv"]),
-             p["tp"], p["fp"], p["tn"], p["fn"])
-            for name, p in points.items()
-        ]
-        lines += [_md_table(("class", "threshold", "chosen by", "sensitivity (95% CI)", "specificity (95% CI)",
-                             "PPV", "NPV", "TP", "FP", "TN", "FN"), rows), ""]
-        lines += ["A case counts as positive when its probability is at or above the threshold. Choose your own "
-                  "with `tlkit evaluate RUN --threshold T` (pick it on validation data, not on this test set).", ""]
+    if operating_points(m):
+        lines += ["## Operating point", "", *operating_point_lines(m)]
 
-    lines += _baselines_section(m)
+    lines += baselines_section(m)
     lines += ["## Confusion matrix", ""]
-    lines += [*_images(plots, out, "confusion_matrix", "confusion_matrix_normalized"), ""]
-    if m["task"] != "multilabel" and len(m["class_names"]) <= 12:
-        header = ["true \\ predicted", *m["class_names"]]
-        rows = [(name, *counts) for name, counts in zip(m["class_names"], m["confusion_matrix"])]
-        lines += [_md_table(header, rows), ""]
+    lines += [*images(plots, out, "confusion_matrix", "confusion_matrix_normalized"), ""]
+    lines += confusion_lines(m)
 
-    lines += ["## ROC and precision-recall curves", "", *_images(plots, out, "roc", "precision_recall"), ""]
+    lines += ["## ROC and precision-recall curves", "", *images(plots, out, "roc", "precision_recall"), ""]
     lines += _calibration_section(m, out, plots, calibration)
 
     lines += ["## Training curves", ""]
     if "training_curves" in plots:
-        lines += [*_images(plots, out, "training_curves"), "",
+        lines += [*images(plots, out, "training_curves"), "",
                   "Dashed vertical lines mark the start of each fine-tuning stage.", ""]
     else:
         lines += ["No training history found.", ""]
 
     more = [name for name in plots if name not in _PLACED]
     if more:
-        lines += ["## More plots", "", *_images(plots, out, *more), ""]
+        lines += ["## More plots", "", *images(plots, out, *more), ""]
     lines += _gradcam_section(gradcam, out, plots)
 
     lines += ["## Misclassified examples", ""]
@@ -343,7 +280,7 @@ def report_markdown(
                   "those files first.", ""]
         rows = [(f"`{r['path']}`", r["true_label"], r["predicted_label"] or "(none)", fmt(r["confidence"]))
                 for r in wrong[:15]]
-        lines += [_md_table(("file", "true", "predicted", "confidence"), rows), ""]
+        lines += [md_table(("file", "true", "predicted", "confidence"), rows), ""]
     else:
         lines += [f"No example is misclassified ([{MISCLASSIFIED_FILE}]({MISCLASSIFIED_FILE}) is empty).", ""]
     return "\n".join(lines)
@@ -363,26 +300,12 @@ def _shift_section(shift: dict[str, Any] | None) -> list[str]:
               "`tlkit shift` gives the full table; docs/adaptation.md says how to adapt.", ""]
     if shift.get("classes"):
         rows = [(c["class"], fmt(c["auc"]), c["n_source"], c["n_target"]) for c in shift["classes"][:8]]
-        lines += [_md_table(("class", "domain AUC", "training", "evaluated"), rows), ""]
+        lines += [md_table(("class", "domain AUC", "training", "evaluated"), rows), ""]
     if shift.get("examples"):
         rows = [(f"`{e['path']}`", e["label"] or "-", fmt(e["p_target"])) for e in shift["examples"]]
         lines += ["Evaluated examples least like the training data:", "",
-                  _md_table(("file", "label", "P(evaluated)"), rows), ""]
+                  md_table(("file", "label", "P(evaluated)"), rows), ""]
     return lines
-
-
-def _baselines_section(m: dict[str, Any]) -> list[str]:
-    """The baselines ``tlkit train`` measured on the run's own split (``run.json`` "transfer")."""
-    transfer = m.get("transfer")
-    if not transfer:
-        return []
-    rows = [(r["model"], r["kind"], fmt(r.get("val_accuracy")), fmt(r.get("test_accuracy"))) for r in transfer["rows"]]
-    lines = ["## Against the baselines", "",
-             "Measured by `tlkit train` on this run's split: logistic regression without pretrained weights "
-             "(the no-transfer baseline), the linear probe of the frozen pretrained backbone, and the model.", "",
-             _md_table(("model", "kind", "val accuracy", "test accuracy"), rows), ""]
-    lines += [f"**Warning.** {w}" for w in transfer.get("warnings", [])]
-    return lines + ([""] if transfer.get("warnings") else [])
 
 
 def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], calibration: Path | None) -> list[str]:
@@ -416,7 +339,7 @@ def _calibration_section(m: dict[str, Any], out: Path, plots: dict[str, Path], c
     else:
         lines += ["Not calibrated; run `tlkit evaluate RUN --calibrate` to fit a temperature on the validation "
                   "split.", ""]
-    return lines + [*_images(plots, out, "reliability"), ""]
+    return lines + [*images(plots, out, "reliability"), ""]
 
 
 def _gradcam_section(gradcam: dict[str, Any], out: Path, plots: dict[str, Path]) -> list[str]:
@@ -435,5 +358,5 @@ def _gradcam_section(gradcam: dict[str, Any], out: Path, plots: dict[str, Path])
         lines += [f"### {title}", "", f"![{title}]({link(plots[key], out)})", ""]
         rows = [(f"[{link(e['file'], out)}]({link(e['file'], out)})", f"`{e['path']}`", e["true"], e["explained"],
                  fmt(e["confidence"])) for e in gradcam["examples"][kind]]
-        lines += [_md_table(("overlay", "file", "true", "explained class", "confidence"), rows), ""]
+        lines += [md_table(("overlay", "file", "true", "explained class", "confidence"), rows), ""]
     return lines

@@ -5,7 +5,8 @@ another class folder / CSV manifest (``--data``), and writes the files of
 :mod:`tlkit.evaluation.report`; ``--calibrate`` also writes ``calibration.json`` into the
 run directory. The run is read only through :class:`tlkit.rundir.RunDir`.
 
-Image runs are read at the run's image size; audio runs are scored per whole clip (the mean
+A multi-task run is scored task by task, each on the test rows labelled for it
+(:mod:`tlkit.evaluation.tasks`). Image runs are read at the run's image size; audio runs are scored per whole clip (the mean
 of ``eval_crops`` crops, as in training) and get no Grad-CAM.
 
 The *operating point* (sensitivity, specificity, PPV, NPV) of binary and multi-label models
@@ -50,6 +51,7 @@ from tlkit.evaluation.report import (
     link,
     report_markdown,
 )
+from tlkit.evaluation.tasks import evaluate_multitask, refuse_unsupported
 from tlkit.fileio import atomic_write_text, write_json
 from tlkit.rundir import InputContract, RunDir
 from tlkit.shift import measure_shift
@@ -102,6 +104,12 @@ def evaluate_run(
     run = RunDir(run_dir)
     out_dir = Path(out) if out is not None else run.path
     check_output_folder(out_dir, run_directory=_is_run_directory(out_dir, run.path))  # before the slow part
+    if run.is_multitask:  # every task on its own labelled test rows (tlkit.evaluation.tasks)
+        refuse_unsupported(calibrate, data)
+        notes: list[str] = []
+        return evaluate_multitask(run, run.load_model(), out=out_dir, run_directory=_is_run_directory(out_dir, run.path),
+                                  threshold=threshold, positive=positive, batch_size=batch_size,
+                                  history=_history(run, notes), notes=notes)
     model = run.load_model()
     labels = run.labels()
     contract = run.input_contract(model)

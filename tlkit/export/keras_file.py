@@ -22,6 +22,7 @@ from tlkit.artifacts import (
 from tlkit.audio_windows import ClipWindows
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportContext, ExportFormat
+from tlkit.export.multitask import keras_outputs_entry
 from tlkit.export.source import ExportSource
 from tlkit.portable import portable_model
 from tlkit.text import first_line
@@ -38,7 +39,8 @@ def write_keras(fmt: ExportFormat, source: ExportSource, directory: Path, contex
     model.save(directory / fmt.file)
     return {
         "input": source.raw_input_spec("float32"),
-        "outputs": {"probabilities": {"dtype": "float32", "shape": [None, len(source.labels)]}},
+        "outputs": keras_outputs_entry(source.tasks) if source.tasks is not None else
+        {"probabilities": {"dtype": "float32", "shape": [None, len(source.labels)]}},
         "needs_tlkit": needs_tlkit,
         "load": ("import tlkit; " if needs_tlkit else "") + "keras.saving.load_model(path, safe_mode=True)",
     }
@@ -46,7 +48,8 @@ def write_keras(fmt: ExportFormat, source: ExportSource, directory: Path, contex
 
 def reload_keras(fmt: ExportFormat, path: Path, source: ExportSource) -> KerasFilePredictor:
     # Audio: one window per model call, a clip scored as metadata.json's audio_windows says.
-    return KerasFilePredictor(str(path), labels_beside(path), windows=ClipWindows.from_metadata(metadata_beside(path)))
+    return KerasFilePredictor(str(path), labels_beside(path), windows=ClipWindows.from_metadata(metadata_beside(path)),
+                              tasks=source.tasks)
 
 
 def loads_in_safe_mode(source: ExportSource) -> bool:

@@ -17,6 +17,11 @@ Markdown sections:
   verbatim (``run.json`` ``"transfer"``, :mod:`tlkit.transfer_report`);
 - **Export**: the parity of each artifact with the Keras model (the :class:`ExportReport`).
 
+A multi-task run's card (:mod:`tlkit.task_outputs`) has the same sections with one table per
+task: its classes, its examples per split and class (and the rows without a label for it), its
+test metrics (``metrics.json`` of ``tlkit evaluate`` when the run has one, else ``run.json``),
+its temperature and its baselines.
+
 Everything is read from the run (through :class:`tlkit.rundir.RunDir`, via the
 :class:`~tlkit.export.source.ExportSource`) and the report; the card adds no measurement.
 """
@@ -30,6 +35,7 @@ from typing import Any
 from tlkit.backbones.registry import get as get_backbone
 from tlkit.errors import TlkitError
 from tlkit.evaluation.metrics import wilson_interval
+from tlkit.evaluation.report import read_metrics
 from tlkit.export.report import ExportReport
 from tlkit.export.source import ExportSource
 from tlkit.fileio import atomic_write_text
@@ -66,6 +72,8 @@ def model_card_markdown(source: ExportSource, report: ExportReport) -> str:
     counts = {name: len(source.run.split(name)) for name in ("train", "val", "test")}
     card = config.get("card") or {}
     transfer = status.get("transfer") or {}
+    if source.tasks is not None:
+        return _multitask_card(source, report, backbone, licence, counts, card, transfer)
     sections = [
         _front_matter(source, report, licence),
         f"# {source.name}\n\n{_summary(source, backbone, counts)}",
@@ -81,6 +89,79 @@ def model_card_markdown(source: ExportSource, report: ExportReport) -> str:
         _versions_section(status.get("versions") or {}, report.versions),
     ]
     return "\n\n".join(sections).rstrip() + "\n"
+
+
+def _multitask_card(source: ExportSource, report: ExportReport, backbone: str, licence: str,
+                    counts: dict[str, int], card: dict[str, Any], transfer: dict[str, Any]) -> str:
+    """The card of a multi-task run: the single-task sections, per task where they differ."""
+    assert source.tasks is not None
+    heads = source.tasks.heads
+    described = ", ".join(f"`{h.name}` ({len(h.labels)} classes{', multi-label' if h.multi_label else ''})"
+                          for h in heads)
+    warnings = [f"task {t}: {w}" for t, r in (transfer.get("tasks") or {}).items() for w in r.get("warnings") or []]
+    sections = [
+        _front_matter(source, report, licence),
+        f"# {source.name}\n\nA {len(heads)}-task {source.modality} classifier (one head per task: {described}) "
+        f"fine-tuned from `{backbone}` with tlkit on {sum(counts.values())} examples, each labelled for one or "
+        f"more of the tasks. Source run: `{source.run.path.name}`.",
+        "## Intended use\n\n" + (card.get("intended_use") or
+                                 "_Not declared: add `intended_use` to the run config's `[card]` table._"),
+        "## Limitations\n\n" + "\n".join(_limitations(card.get("limitations"), counts["test"], {"warnings": warnings})),
+        _model_section(source, backbone, licence),
+        _data_section(source, counts),
+        _task_evaluation_section(source, counts["test"]),
+        _task_calibration_section(source.status.get("calibration")),
+        *(_baseline_section(transfer["tasks"][h.name]).replace("## Baselines", f"## Baselines: task `{h.name}`", 1)
+          for h in heads if (transfer.get("tasks") or {}).get(h.name)),
+        *([] if transfer.get("tasks") else [_baseline_section({})]),
+        _export_section(report),
+        _versions_section(source.status.get("versions") or {}, report.versions),
+    ]
+    return "\n\n".join(sections).rstrip() + "\n"
+
+
+def _task_evaluation_section(source: ExportSource, test_count: int) -> str:
+    """Per task: accuracy with its Wilson interval on the task's labelled test rows (``tlkit evaluate``'s
+    ``metrics.json`` when there is one), and ``run.json``'s test metrics as they are."""
+    assert source.tasks is not None
+    evaluated = read_metrics(source.run.path).get("tasks") or {}
+    labelled = {str(e.get("name")): (e.get("labelled") or {}).get("test") for e in source.status.get("tasks") or []}
+    flat = source.status.get("test_metrics") or {}
+    rows = []
+    for h in source.tasks.heads:
+        m = evaluated.get(h.name) or {}
+        count = (m.get("data") or {}).get("count", labelled.get(h.name))
+        accuracy = m.get("accuracy", flat.get(f"{h.name}_accuracy"))
+        interval = "-"
+        if accuracy is not None and count and not h.multi_label:
+            low, high = wilson_interval(int(round(float(accuracy) * count)), int(count))
+            interval = f"{low:.3f}-{high:.3f}"
+        f1 = (m.get("macro_avg") or {}).get("f1")
+        rows.append((f"`{h.name}`", "-" if count is None else count, "-" if accuracy is None else f"{float(accuracy):.4f}",
+                     interval, "-" if f1 is None else f"{float(f1):.4f}"))
+    where = "`tlkit evaluate` (metrics.json)" if evaluated else "`tlkit train` (run.json)"
+    lines = ["## Evaluation", "", f"On the held-out test split ({test_count} examples); each task is scored on the "
+             f"test rows labelled for it only. Measured by {where}.", "",
+             _md_table(("task", "labelled test rows", "accuracy", "95% interval", "macro F1"), rows), "",
+             "Intervals: 95% Wilson score interval over the task's labelled test rows (none for multi-label tasks, "
+             "whose accuracy counts labels that are not independent trials)."]
+    if flat:
+        lines += ["", "All test metrics of `tlkit train`:", "",
+                  _md_table(("metric", "value"), [(k, f"{float(v):.4g}") for k, v in flat.items()])]
+    return "\n".join(lines)
+
+
+def _task_calibration_section(calibration: dict[str, Any] | None) -> str:
+    tasks = (calibration or {}).get("tasks") or {}
+    if not tasks:
+        return "## Calibration\n\nNo task was calibrated: probabilities are the model's own."
+    rows = [(f"`{t}`", f"{float(c['temperature']):.4g}", c.get("examples", "?"),
+             f"{float(c['val_nll_before']):.4g} -> {float(c['val_nll_after']):.4g}" if "val_nll_before" in c else "-",
+             "yes" if c.get("folded_into_model", True) else "no") for t, c in tasks.items()]
+    return "\n".join(["## Calibration", "", "Temperature scaling per task, fitted on the task's labelled validation "
+                       "rows and folded into its `<task>_logits` layer (every artifact returns calibrated "
+                       "probabilities); tasks not listed are uncalibrated.", "",
+                       _md_table(("task", "temperature", "examples", "validation log-loss", "folded"), rows)])
 
 
 def _licence(backbone: str) -> str:
@@ -104,7 +185,8 @@ def _front_matter(source: ExportSource, report: ExportReport, licence: str) -> s
     task = "audio-classification" if source.modality == "audio" else "image-classification"
     if source.multi_label:
         task = "multi-label-" + task
-    tags = ["keras", "tlkit", "transfer-learning", task, *sorted({_format_tag(r.format) for r in report.results})]
+    extra = ["multi-task"] if source.tasks is not None else []
+    tags = ["keras", "tlkit", "transfer-learning", task, *extra, *sorted({_format_tag(r.format) for r in report.results})]
     metrics = sorted((source.status.get("test_metrics") or {}).keys())
     lines = ["---", f"license: {_hub_licence(licence)}", "library_name: keras", "tags:"]
     lines += [f"- {tag}" for tag in dict.fromkeys(tags)]
@@ -150,24 +232,43 @@ def _model_section(source: ExportSource, backbone: str, licence: str) -> str:
         size = "x".join(str(s) for s in contract.image_size or ())
         takes = f"RGB image, float32 pixels 0..255, any size (resized to {size} inside the model)"
     output = "independent sigmoid per class" if source.multi_label else "softmax over the classes"
-    rows = [(index, name) for index, name in enumerate(source.labels)]
+    rows: list[tuple[Any, ...]] = [(index, name) for index, name in enumerate(source.labels)]
+    headers: tuple[str, ...] = ("index", "class")
+    if source.tasks is not None:
+        output = "one head per task: " + ", ".join(
+            f"`{h.name}` ({'independent sigmoid per class' if h.multi_label else 'softmax'})" for h in source.tasks.heads)
+        rows = [(f"`{h.name}`", index, name) for h in source.tasks.heads for index, name in enumerate(h.labels)]
+        headers = ("task", "index", "class")
     return "\n".join([
         "## Model", "",
         f"- Backbone: `{backbone}` (source: {source.status.get('backbone_source') or 'unknown'})",
         f"- Backbone licence: {licence}",
         f"- Input: {takes}",
         f"- Output: {output}",
-        "", f"Classes ({len(source.labels)}, in output order):", "",
-        _md_table(("index", "class"), rows),
+        "", f"Classes ({len(rows)}, in output order{', per task' if source.tasks is not None else ''}):", "",
+        _md_table(headers, rows),
     ])
 
 
-def _data_section(source: ExportSource, counts: dict[str, int]) -> str:
-    per_class: dict[str, dict[str, int]] = {name: {"train": 0, "val": 0, "test": 0} for name in source.labels}
+def _class_counts(source: ExportSource, counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Examples per split of each class (``task:class`` and ``task:(missing)`` for multi-task runs)."""
+    names = source.labels if source.tasks is None else [
+        name for h in source.tasks.heads for name in (*(f"{h.name}:{c}" for c in h.labels), f"{h.name}:(missing)")]
+    per_class: dict[str, dict[str, int]] = {name: {"train": 0, "val": 0, "test": 0} for name in names}
     for split in counts:
         for example in source.run.split(split):
-            for label in example.labels:
-                per_class.setdefault(str(label), {"train": 0, "val": 0, "test": 0})[split] += 1
+            if source.tasks is None:
+                keys = [str(label) for label in example.labels]
+            else:
+                keys = [f"{t}:{label}" for t, labels in example.tasks for label in labels]
+                keys += [f"{t}:(missing)" for t, labels in example.tasks if not labels]
+            for key in keys:
+                per_class.setdefault(key, {"train": 0, "val": 0, "test": 0})[split] += 1
+    return per_class
+
+
+def _data_section(source: ExportSource, counts: dict[str, int]) -> str:
+    per_class = _class_counts(source, counts)
     rows = [(name, c["train"], c["val"], c["test"]) for name, c in per_class.items()]
     rows.append(("**total**", counts["train"], counts["val"], counts["test"]))
     data = source.config.get("data") or {}
@@ -176,7 +277,7 @@ def _data_section(source: ExportSource, counts: dict[str, int]) -> str:
         "## Data", "",
         f"Examples: {counts['train']} train, {counts['val']} validation, {counts['test']} test "
         f"(from `{Path(str(where)).name}`; split seed {source.config.get('seed', 0)}).",
-        "", _md_table(("class", "train", "val", "test"), rows),
+        "", _md_table(("task:class" if source.tasks is not None else "class", "train", "val", "test"), rows),
     ])
 
 

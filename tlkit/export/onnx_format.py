@@ -27,9 +27,16 @@ from typing import Any
 
 import tensorflow as tf
 
-from tlkit.artifacts import ONNX_EXTRA, ONNX_FILE, OnnxPredictor, labels_beside
+from tlkit.artifacts import (
+    ONNX_EXTRA,
+    ONNX_FILE,
+    OnnxPredictor,
+    labels_beside,
+    task_output_names,
+)
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportContext, ExportFormat
+from tlkit.export.multitask import onnx_outputs_entry
 from tlkit.export.source import ExportSource
 from tlkit.text import first_line
 
@@ -69,24 +76,30 @@ def write_onnx(fmt: ExportFormat, source: ExportSource, directory: Path, context
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"ONNX conversion failed: {type(exc).__name__}: {first_line(exc)}") from exc
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {"labels": json.dumps(source.labels), "producer": "tlkit",
-                                        "input_range": "float32 RGB pixels 0..255"})
+    props = {"labels": json.dumps(source.labels), "producer": "tlkit", "input_range": "float32 RGB pixels 0..255"}
+    if source.tasks is not None:  # one graph output per task, matched to its task (and named in the file too)
+        outputs: dict[str, Any] = {"outputs": onnx_outputs_entry(path, source.model, source.tasks, source.fixed_shape)}
+        props["tasks"] = json.dumps({task: {**entry, "output": outputs["outputs"][task]["name"]}
+                                     for task, entry in source.tasks.to_metadata().items()})
+    onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
     graph_input, graph_output = model.graph.input[0], model.graph.output[0]
+    if source.tasks is None:
+        outputs = {"output": {"name": graph_output.name, "dtype": "float32", "shape": [None, len(source.labels)],
+                              "meaning": "probabilities"}}
     return {
         "quantization": fmt.quantization,
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
         "input": {"name": graph_input.name, "dtype": "float32", "shape": [None, *source.fixed_shape],
                   "range": [0, 255],
                   "layout": "RGB, channels last, resized to this size (bilinear, as keras.layers.Resizing)"},
-        "output": {"name": graph_output.name, "dtype": "float32", "shape": [None, len(source.labels)],
-                   "meaning": "probabilities"},
-        "metadata_props": ["labels", "producer", "input_range"],
+        **outputs,
+        "metadata_props": list(props),
     }
 
 
 def reload_onnx(fmt: ExportFormat, path: Path, source: ExportSource) -> OnnxPredictor:
-    return OnnxPredictor(str(path), labels_beside(path))
+    return OnnxPredictor(str(path), labels_beside(path), tasks=source.tasks, output_names=task_output_names(path))
 
 
 ONNX = ExportFormat(

@@ -7,6 +7,10 @@ with the run's own clip-level scoring, the mean over the windows of
 :class:`tlkit.audio_windows.ClipWindows` computed by :func:`tlkit.data.audio.predict_clips`
 (what ``tlkit predict RUN`` and the run's evaluation do), so an artifact that hears the
 clip differently from the run fails here instead of in the field.
+
+A multi-task artifact is compared task by task (:func:`tlkit.export.multitask.task_parity`):
+its top-1 agreement is the lowest of its tasks', so it passes only if every task does, and
+``FormatResult.tasks`` holds each task's figures.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.artifacts import METADATA_FILE, compiled_predict
+from tlkit.artifacts import METADATA_FILE, compiled_predict, join_outputs
 from tlkit.errors import ExportError
 from tlkit.export.formats import ExportFormat
+from tlkit.export.multitask import task_parity
 from tlkit.export.report import FormatResult
 from tlkit.export.source import ExportSource
 from tlkit.fileio import write_json
@@ -69,14 +74,24 @@ def verify(
         raise ExportError(f"the reloaded {fmt.name} model returns shape {have.shape[1:]}, expected {want.shape[1:]}")
     if not np.all(np.isfinite(have)):
         raise ExportError(f"the reloaded {fmt.name} model returns NaN or infinite probabilities")
-    agreement = float(np.mean(have.argmax(1) == want.argmax(1)))
     runtime = str(getattr(predictor, "runtime", "") or "")
-    parts = (f"runtime {runtime}" if runtime else "", _correction_note(info), disagreement_note(want, have))
+    tasks = source.tasks
+    per_task = task_parity(want, have, tasks) if tasks is not None else None
+    if tasks is None or per_task is None:
+        agreement = float(np.mean(have.argmax(1) == want.argmax(1)))
+        flips = disagreement_note(want, have)
+    else:  # every task must agree: the artifact's agreement is its weakest task's
+        agreement = min(v["top1_agreement"] for v in per_task.values())
+        wanted, had = tasks.split(want), tasks.split(have)
+        flips = "; ".join(f"{t}: {note}" for t in per_task if (note := disagreement_note(wanted[t], had[t])))
+        flips = "top-1 agreement per task " + ", ".join(
+            f"{t} {v['top1_agreement']:.3f}" for t, v in per_task.items()) + (f"; {flips}" if flips else "")
+    parts = (f"runtime {runtime}" if runtime else "", _correction_note(info), flips)
     return FormatResult(
         format=fmt.name, path=fmt.file, size_bytes=fmt.size(path),
         max_abs_diff=float(np.max(np.abs(have - want))), top1_agreement=agreement,
         latency_ms=float(np.median(times) * 1000.0), min_agreement=threshold, samples=len(examples),
-        passed=agreement >= threshold, notes="; ".join(part for part in parts if part),
+        passed=agreement >= threshold, notes="; ".join(part for part in parts if part), tasks=per_task,
     ), runtime
 
 
@@ -110,20 +125,22 @@ def _references(source: ExportSource, predictor: Any, examples: list[np.ndarray]
     if windows is not None:
         key = "clips:" + _digest(examples)
         if key not in references:
-            predict = compiled_predict(source.model)
+            predict = compiled_predict(source.model, source.tasks)
             references[key] = [windows.score(lambda rows: predict(np.asarray(rows, np.float32)), x) for x in examples]
         return references[key]
     prepare = getattr(predictor, "prepare", None) or (lambda x: x)
     seen = [np.asarray(prepare(x), np.float32) for x in examples]
     key = _digest(seen)
     if key not in references:
-        references[key] = [keras_probabilities(source.model, x) for x in seen]
+        references[key] = [keras_probabilities(source.model, x, source.tasks) for x in seen]
     return references[key]
 
 
-def keras_probabilities(model: Any, example: np.ndarray) -> np.ndarray:
-    """(C,) probabilities of the Keras model for one example (no batch axis)."""
-    return np.asarray(model(np.asarray(example, np.float32)[None], training=False), np.float32)[0]
+def keras_probabilities(model: Any, example: np.ndarray, tasks: Any = None) -> np.ndarray:
+    """(C,) probabilities of the Keras model for one example (no batch axis); a multi-task
+    model's tasks joined in ``tasks`` order (a :class:`tlkit.task_outputs.TaskLayout`)."""
+    outputs = model(np.asarray(example, np.float32)[None], training=False)
+    return np.asarray(join_outputs(outputs, tasks), np.float32)[0]
 
 
 def _correction_note(info: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ class FormatResult:
         samples: number of parity examples.
         passed: ``top1_agreement >= min_agreement``.
         notes: anything worth knowing (quantization, runtime used).
+        tasks: multi-task models: per task ``{"top1_agreement", "max_abs_diff"}``
+            (``top1_agreement`` above is the lowest of them); ``None`` otherwise.
     """
 
     format: str
@@ -36,6 +38,7 @@ class FormatResult:
     samples: int
     passed: bool
     notes: str = ""
+    tasks: dict[str, dict[str, float]] | None = None
 
 
 @dataclass
@@ -88,7 +91,11 @@ class ExportReport:
         raise KeyError(fmt)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        result = dataclasses.asdict(self)
+        for entry in result["results"]:  # per-task parity only where there are tasks
+            if entry.get("tasks") is None:
+                entry.pop("tasks", None)
+        return result
 
     def table(self) -> str:
         """The parity table as plain text (format, file, size, max |dp|, agreement, latency)."""

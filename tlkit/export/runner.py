@@ -212,6 +212,8 @@ def _build_all(
             "samples": result.samples, "split": report.parity_split, "latency_ms": result.latency_ms,
             "min_agreement": result.min_agreement,
         }
+        if result.tasks is not None:  # a multi-task model: every task's agreement
+            info["parity"]["tasks"] = result.tasks
         if not result.passed:
             below_threshold = True
             lead = next((n for n in result.notes.split("; ") if "disagreement" in n), "")

@@ -9,7 +9,8 @@ clip_samples))`` evenly spaced windows of the training crop (:mod:`tlkit.audio_w
 recorded in ``metadata.json`` under ``audio_windows``), so a clip longer than the encoder
 takes (Whisper: 30 s) is scored whole. Outputs ``probabilities`` float32 (B, C),
 ``labels`` string (B, k) and ``scores`` float32 (B, k), the top k = min(5, C) classes,
-best first.
+best first. A multi-task model's signature returns those three per task instead, named
+``<task>_probabilities``, ``<task>_labels`` and ``<task>_scores`` (:mod:`tlkit.export.multitask`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from tlkit.artifacts import (
 )
 from tlkit.audio_windows import tf_score_windows
 from tlkit.export.formats import ExportContext, ExportFormat
+from tlkit.export.multitask import (
+    savedmodel_outputs_entry,
+    serving_outputs,
+    window_scores,
+)
 from tlkit.export.source import ExportSource
 
 # What tf.saved_model.save writes: the SavedModel's own files in a directory shared with
@@ -43,6 +49,8 @@ def write_savedmodel(fmt: ExportFormat, source: ExportSource, directory: Path, c
     spec = source.raw_input_spec("uint8", any_channels=True)
     if source.windows is not None:
         spec["windows"] = "cut and averaged inside the serving function (see audio_windows)"
+    if source.tasks is not None:
+        return {"signature": SIGNATURE, "input": spec, "outputs": savedmodel_outputs_entry(source.tasks)}
     return {
         "signature": SIGNATURE,
         "input": spec,
@@ -56,7 +64,7 @@ def write_savedmodel(fmt: ExportFormat, source: ExportSource, directory: Path, c
 
 def reload_savedmodel(fmt: ExportFormat, path: Path, source: ExportSource) -> SavedModelPredictor:
     return SavedModelPredictor(str(path), labels_beside(path / SAVED_MODEL_FILE), input_name=source.input_name,
-                               windows=source.windows)
+                               windows=source.windows, tasks=source.tasks)
 
 
 def savedmodel_size(path: Path) -> int:
@@ -87,6 +95,7 @@ def _serving_module(source: ExportSource) -> tf.Module:
     model = source.model
     k = min(MAX_TOP_K, len(source.labels))
     windows = source.windows
+    tasks = source.tasks
     if source.modality == "image":
         spec = tf.TensorSpec([None, None, None, None], tf.uint8, name="image")
     else:
@@ -100,9 +109,20 @@ def _serving_module(source: ExportSource) -> tf.Module:
             # root, or tf.saved_model.save refuses functions that capture them.
             self.model_variables = list(model.variables)
             self.label_names = tf.constant(source.labels)
+            if tasks is not None:
+                self.task_label_names = {h.name: tf.constant(list(h.labels)) for h in tasks.heads}
 
         @tf.function(input_signature=[spec])
         def serve(self, raw: tf.Tensor) -> dict[str, tf.Tensor]:
+            if tasks is not None:  # one set of outputs per task
+                if source.modality == "image":
+                    outputs = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
+                elif windows is not None:
+                    outputs = window_scores(tf_score_windows, self.model, raw, tasks, windows.clip_samples,
+                                            windows.crops)
+                else:
+                    outputs = self.model(raw, training=False)
+                return serving_outputs(outputs, tasks, self.task_label_names)
             if source.modality == "image":
                 probabilities = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
             elif windows is not None:

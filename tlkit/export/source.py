@@ -17,6 +17,7 @@ from tlkit.errors import ExportError
 from tlkit.predict import load_image
 from tlkit.model_info import all_layers
 from tlkit.rundir import InputContract, RunDir
+from tlkit.task_outputs import TaskLayout, run_layout
 from tlkit.text import first_line
 
 
@@ -28,7 +29,8 @@ class ExportSource:
         run: the run directory.
         name: the model name (the run config's ``name``, else the folder name).
         model: the run's Keras model, loaded by :meth:`RunDir.load_model` (``compile=False``).
-        labels: class names in output order.
+        labels: class names in output order (multi-task: ``task:class`` of the tasks'
+            concatenated probabilities, see :mod:`tlkit.task_outputs`).
         contract: the run's input contract (modality, image size or sample rate and clip).
         input_name: ``"image"`` or ``"waveform"``.
         fixed_shape: one example at the fixed size of the TFLite formats, no batch axis:
@@ -37,6 +39,7 @@ class ExportSource:
         multi_label: whether the head is multi-label.
         has_savedmodel_backbone: the model holds a SavedModel (TFSMLayer) backbone.
         notes: what the export decided on the user's behalf (goes into the report).
+        tasks: a multi-task run's tasks (their classes, multi-label or not), else ``None``.
     """
 
     run: RunDir
@@ -51,6 +54,7 @@ class ExportSource:
     multi_label: bool
     has_savedmodel_backbone: bool
     notes: list[str]
+    tasks: TaskLayout | None = None
 
     @property
     def modality(self) -> str:
@@ -72,6 +76,8 @@ class ExportSource:
         """The ``metadata.json`` keys every artifact's reader needs: labels, modality, sample rate
         and, for audio, the window contract (under :data:`tlkit.audio_windows.METADATA_KEY`)."""
         entry: dict[str, Any] = {"labels": self.labels, "modality": self.modality, "sample_rate": self.sample_rate}
+        if self.tasks is not None:
+            entry["tasks"] = self.tasks.to_metadata()
         if self.windows is not None:
             entry[METADATA_KEY] = self.windows.to_metadata()
         return entry
@@ -113,11 +119,15 @@ def load_source(run_dir: str | Path) -> ExportSource:
     else:
         assert contract.image_size is not None
         fixed = (int(contract.image_size[0]), int(contract.image_size[1]), 3)
+    task_labels = run.task_labels()
+    tasks = run_layout(task_labels, model, run.status()) if task_labels else None
     return ExportSource(
-        run=run, name=str(run.raw_config().get("name") or run.path.name), model=model, labels=run.labels(),
+        run=run, name=str(run.raw_config().get("name") or run.path.name), model=model,
+        labels=tasks.flat_labels if tasks is not None else run.labels(),
         contract=contract, input_name="waveform" if contract.is_audio else "image", fixed_shape=fixed,
-        status=run.status(), config=run.raw_config(), multi_label=run.multi_label(model),
+        status=run.status(), config=run.raw_config(), multi_label=False if tasks is not None else run.multi_label(model),
         has_savedmodel_backbone=any(isinstance(layer, TFSMLayer) for layer in all_layers(model)), notes=[],
+        tasks=tasks,
     )
 
 
