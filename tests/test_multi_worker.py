@@ -3,7 +3,10 @@
 
 Checks: both workers end with the same weights; only the chief writes the run directory (the other
 worker writes its own temp folder, RunDir.for_worker); a job whose workers are both killed with
-SIGKILL mid-stage resumes when both are started again and finishes with every epoch once.
+SIGKILL mid-stage resumes when both are started again and finishes with every epoch once; every metric
+the job reports (history, run.json) is the whole split's: it equals a one-process run's on the same
+data and seed and what the chief's saved model scores on the test split; the workers back up at the
+chief's epochs whatever their own clocks say, and refuse to resume from checkpoints that disagree.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -22,6 +26,8 @@ import pytest
 
 from tests.conftest import write_image_folder
 from tests.test_resume import SCRIPT as RESUME_SCRIPT
+from tlkit.checkpointing import BACKUP_STATE
+from tlkit.data.images import encode_labels, make_batches
 from tlkit.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 # One worker is test_resume's `tlkit train` script (tiny backbone registered; KILL_AFTER=N: SIGKILL after
 # the first batch of epoch N+1, counted across stages; BACKUP_EVERY_EPOCH: a resume backup every epoch),
 # with TF_CONFIG from the environment. A batch of epoch N+1 needs the other worker's all-reduce, so by
-# then both workers have written their epoch-N backups: both die at the same point.
-SCRIPT = RESUME_SCRIPT
+# then both workers have written their epoch-N backups: both die at the same point. Only the chief
+# gets BACKUP_EVERY_EPOCH: worker 1's own clock (30 s budget) would never back up in a stage this short,
+# so its backups are the chief's decisions.
+#
+# The kill waits a second first: a worker that returns from a step's all-reduce may still owe its peer data
+# that the peer pulls from it (collectives over gRPC), and dying at once ends the peer with "Socket closed"
+# instead of at its own kill point. The waiting worker blocks no one: the peer reaches the same point.
+KILL = "os.kill(os.getpid(), signal.SIGKILL)"
+assert KILL in RESUME_SCRIPT
+SCRIPT = RESUME_SCRIPT.replace(KILL, "__import__('time').sleep(1.0); " + KILL)
+BATCH = 8
 
 STAGES = [
     # "sgd": the head trains epoch by epoch with fit (on cached features), so both stages exercise
@@ -56,29 +71,37 @@ def _tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})
 
 
-def _config(tmp: Path, data: Path) -> Path:
-    lines = ['name = "mw"', f'output_dir = "{tmp / "mw"}"', "seed = 0", "[data]", f'path = "{data}"',
-             "batch_size = 8", "val_fraction = 0.2", "test_fraction = 0.2", "[backbone]", 'name = "tiny_test"',
-             "[augmentation]", "enabled = false", "[training]", 'distribute = "multi_worker"']
+def _config(tmp: Path, data: Path, name: str = "mw", distribute: str = "multi_worker") -> Path:
+    # No dropout: its masks are drawn per replica's share of a batch, so with dropout a two-worker run is a
+    # different random draw from a one-process run, and the two could not be compared number for number.
+    lines = [f'name = "{name}"', f'output_dir = "{tmp / name}"', "seed = 0", "[data]", f'path = "{data}"',
+             f"batch_size = {BATCH}", "val_fraction = 0.2", "test_fraction = 0.2", "[backbone]", 'name = "tiny_test"',
+             "[head]", "dropout = 0.0", "[augmentation]", "enabled = false", "[training]",
+             f'distribute = "{distribute}"']
     for stage in STAGES:
         lines.append("[[schedule.stages]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in stage.items()]
-    path = tmp / "mw.toml"
+    path = tmp / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _launch(config: Path, tmp: Path, kill_after: int | None = None) -> list[tuple[int, str]]:
-    """Starts both workers (fresh ports), waits for both; returns (returncode, output) per worker."""
+def _launch(
+    config: Path, tmp: Path, kill_after: int | None = None, script: str = SCRIPT, reference: Path | None = None,
+) -> list[tuple[int, str]]:
+    """Starts both workers (fresh ports) running ``script config``, and with ``reference`` the same script on
+    that config as one process (no TF_CONFIG, killed at the same point) alongside them; waits for all and
+    returns (returncode, output) per worker, then the reference's."""
     ports = _free_ports(2)
-    procs = []
-    for index in range(2):
-        env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp / "tmp"),
-               "KILL_AFTER": str(-1 if kill_after is None else kill_after), "BACKUP_EVERY_EPOCH": "1",
-               "CUDA_VISIBLE_DEVICES": "",
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(config)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    base.update({"TMPDIR": str(tmp / "tmp"), "KILL_AFTER": str(-1 if kill_after is None else kill_after),
+                 "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    runs = [(config, {**base, "TF_CONFIG": _tf_config(ports, index), "BACKUP_EVERY_EPOCH": "1" if index == 0 else ""})
+            for index in range(2)]
+    if reference is not None:
+        runs.append((reference, {**base, "BACKUP_EVERY_EPOCH": "1"}))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for path, env in runs]
     results = []
     try:
         for proc in procs:
@@ -99,21 +122,28 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_multi_worker_train_agrees_writes_chief_only_and_resumes_after_sigkill(tmp_path: Path) -> None:
+def test_multi_worker_train_agrees_writes_chief_only_and_resumes_after_sigkill(
+    tmp_path: Path, registered: None,
+) -> None:
     (tmp_path / "tmp").mkdir()
     data = write_image_folder(tmp_path / "images", n_per_class=8)
     config = _config(tmp_path, data)
     run = RunDir(tmp_path / "mw")
     worker = _worker_dir(tmp_path, run)
 
-    killed = _launch(config, tmp_path, kill_after=3)  # both die in the first batch of stage "top", epoch 2
-    assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, "\n\n".join(out[-3000:] for _, out in killed)
+    # The one-process reference run (see _assert_metrics_are_the_whole_splits) runs alongside the workers.
+    reference = _config(tmp_path, data, "one", "mirrored")
+    killed = _launch(config, tmp_path, kill_after=3, reference=reference)  # all die in stage "top", epoch 2
+    assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 3, "\n\n".join(out[-3000:] for _, out in killed)
     assert not run.is_complete
     assert [r["epoch"] for r in run.live_history()] == [1, 2, 3]
     assert (worker.checkpoints("top")).is_dir(), "the non-chief worker keeps its own resume state"
+    # Worker 1's clock never asked for a backup: it followed the chief's, so both resume after the same epoch.
+    backups = [json.loads((r.checkpoints("top") / BACKUP_STATE).read_text())["epoch"] for r in (run, worker)]
+    assert backups == [1, 1]
 
-    finished = _launch(config, tmp_path)
-    assert [rc for rc, _ in finished] == [0, 0], "\n\n".join(out[-3000:] for _, out in finished)
+    finished = _launch(config, tmp_path, reference=reference)
+    assert [rc for rc, _ in finished] == [0, 0, 0], "\n\n".join(out[-3000:] for _, out in finished)
     assert run.is_complete and worker.is_complete
 
     # Every epoch once, in order, in the chief's run directory: nobody else appended to it.
@@ -135,6 +165,92 @@ def test_multi_worker_train_agrees_writes_chief_only_and_resumes_after_sigkill(t
     for name in chief:
         np.testing.assert_allclose(chief[name], other[name], rtol=0, atol=1e-6, err_msg=name)
     assert np.isfinite(run.history()["epochs"][-1]["loss"])
+    _assert_metrics_are_the_whole_splits(run, RunDir(tmp_path / "one"))
+
+
+def _assert_metrics_are_the_whole_splits(run: RunDir, one: RunDir) -> None:
+    """The multi-worker run's reported metrics against (1) ``one``, a one-process run on the same data and
+    seed, killed and resumed at the same point, and (2) what the chief's saved model scores on the splits.
+
+    The reference is ``distribute = "mirrored"`` (one replica): with a strategy, Keras's ``fit`` draws one
+    pass of the shuffled training set before the first epoch (its symbolic build), so ``"auto"`` trains on
+    other (equally seeded) permutations and ends with other weights; the code path is otherwise the same.
+    """
+    ours, theirs = run.history()["epochs"], one.history()["epochs"]
+    assert len(ours) == len(theirs) == 5
+    for mine, reference in zip(ours, theirs):
+        for key in ("accuracy", "val_accuracy"):  # 6 validation examples: a shard-only value is off by 1/6+
+            assert mine[key] == pytest.approx(reference[key], abs=1e-6), (key, mine, reference)
+        for key in ("loss", "val_loss"):
+            assert mine[key] == pytest.approx(reference[key], rel=1e-4), (key, mine, reference)
+    test, reference_test = run.status()["test_metrics"], one.status()["test_metrics"]
+    assert test.keys() == reference_test.keys() == {"accuracy", "loss"}
+    assert test["accuracy"] == pytest.approx(reference_test["accuracy"], abs=1e-6)
+    assert test["loss"] == pytest.approx(reference_test["loss"], rel=1e-4)
+
+    # The chief's saved model, scored here in one process on the whole test and validation splits.
+    model, labels = run.load_model(), run.labels()
+    size = run.input_contract(model).image_size
+    scores = {}
+    for split in ("val", "test"):
+        examples = run.split(split)
+        assert 0 < len(examples) <= BATCH  # one batch: the chief's shard is its first half
+        probabilities = model.predict(make_batches(examples, labels, size, BATCH).batched(), verbose=0)
+        targets = encode_labels(examples, labels).argmax(1)
+        correct = probabilities.argmax(1) == targets
+        chief_half = correct[: (len(examples) + 1) // 2].mean()
+        assert chief_half != correct.mean(), "data where the chief's shard scores like the split cannot test this"
+        loss = float(-np.log(np.clip(probabilities[np.arange(len(targets)), targets], 1e-7, 1.0)).mean())
+        scores[split] = (float(correct.mean()), loss)
+    assert test["accuracy"] == pytest.approx(scores["test"][0], abs=1e-6)
+    assert test["loss"] == pytest.approx(scores["test"][1], rel=1e-4)
+    fine_tuned = next(r for r in run.status()["transfer"]["rows"] if r["kind"] == "tlkit")
+    assert fine_tuned["test_accuracy"] == pytest.approx(scores["test"][0], abs=1e-6)
+    # The final weights are the last stage's best epoch (lowest val_loss); temperature scaling, folded in
+    # afterwards, keeps the argmax, so that epoch's reported val_accuracy is the saved model's.
+    best = min((r for r in ours if r["stage"] == "top"), key=lambda r: r["val_loss"])
+    assert best["val_accuracy"] == pytest.approx(scores["val"][0], abs=1e-6)
+
+
+# Two workers fit a tiny model with StageCheckpoint: the chief's budget says "back up every epoch", worker
+# 1's "never"; then check_workers_agree on an equal value (passes) and on each worker's index (must refuse).
+CHECKPOINT_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from tlkit.run import make_strategy
+    strategy = make_strategy("multi_worker")
+    import keras, numpy as np, tensorflow as tf
+    from tlkit.checkpointing import StageCheckpoint, check_workers_agree
+    from tlkit.errors import ConfigError
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32"))).batch(4)
+    folder = Path(sys.argv[1]) / f"worker{task}"
+    checkpoint = StageCheckpoint(folder, "loss", 4, budget_seconds=0.0 if task == 0 else 1e9)
+    model.fit(data, epochs=4, verbose=0, callbacks=[checkpoint])
+    check_workers_agree(strategy, 3, "the resume epoch", folder)
+    try:
+        check_workers_agree(strategy, task, "the resume epoch", folder)
+        verdict = "agreed"
+    except ConfigError as error:
+        verdict = str(error)
+    print("RESULT " + json.dumps({"backups": checkpoint.backups_written, "verdict": verdict}), flush=True)
+""")
+
+
+def test_multi_worker_checkpoint_decisions_are_the_chiefs_and_disagreeing_resumes_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "tmp").mkdir()
+    results = _launch(tmp_path, tmp_path, script=CHECKPOINT_SCRIPT)
+    assert [rc for rc, _ in results] == [0, 0], "\n\n".join(out[-3000:] for _, out in results)
+    reports = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for _, out in results]
+    # Epochs 1-3 back up on both (the 4th is the stage's end, which writes its final weights instead).
+    assert [r["backups"] for r in reports] == [3, 3]
+    for index, report in enumerate(reports):
+        assert report["verdict"].startswith("multi-worker resume: the workers' checkpoints disagree on the resume "
+                                            "epoch")
+        assert f"this worker: {index}" in report["verdict"] and "the chief: 0" in report["verdict"]
 
 
 def _untimed(value: object) -> object:

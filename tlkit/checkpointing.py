@@ -11,7 +11,11 @@ Keras's ``BackupAndRestore`` + ``ModelCheckpoint`` write two full checkpoints ev
   last one; the end of a stage writes its final weights instead; without a run directory
   nothing is written at all;
 - the default budget is 30 s, or 20 times the last write's duration when that is longer (a
-  backup then costs under 5% of training time), so a kill -9 loses at most that much work.
+  backup then costs under 5% of training time), so a kill -9 loses at most that much work;
+- multi-worker (``MultiWorkerMirroredStrategy`` over several processes): the chief's clock decides
+  and every worker follows it (one all-reduce per epoch), so all workers back up at the same
+  epochs and resume from the same one; :func:`check_workers_agree` refuses to resume workers
+  whose checkpoints disagree (a lost worker folder, a kill between two workers' writes).
 
 Resuming is explicit: :func:`restore_backup` loads the backup into the model and returns the
 epoch to pass as ``fit(initial_epoch=...)``.
@@ -27,7 +31,9 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from tlkit.errors import ConfigError
 from tlkit.fileio import atomic_save, read_json, write_json
 
 BACKUP_WEIGHTS = "backup.weights.h5"
@@ -100,7 +106,13 @@ class StageCheckpoint(keras.callbacks.Callback):
             budget = max(MIN_BUDGET_SECONDS, BUDGET_FACTOR * self._write_seconds)
         # The last epoch needs no backup: the stage's end writes its final weights and done marker.
         last = epoch + 1 >= self.epochs or bool(getattr(self.model, "stop_training", False))
-        if not last and time.monotonic() - self._last_write >= budget:
+        if last:  # the same on every worker: stop_training follows the all-reduced validation loss
+            return
+        due = time.monotonic() - self._last_write >= budget
+        strategy = getattr(self.model, "distribute_strategy", None)
+        if is_multi_worker(strategy):  # each worker's clock differs: the chief's decides for all
+            due = _chief_value(strategy, float(due)) > 0.5
+        if due:
             self.write_backup(epoch + 1)
 
     def write_backup(self, epoch: int) -> None:
@@ -167,3 +179,43 @@ def restore_backup(model: keras.Model, stage_dir: Path, prefix: str = "") -> Bac
     model.load_weights(weights)
     best = raw.get("best")
     return BackupState(int(raw["epoch"]), float(best) if best is not None else math.inf, int(raw.get("best_epoch", 0)))
+
+
+def is_multi_worker(strategy: Any) -> bool:
+    """Whether ``strategy`` spans several workers (processes), whose checkpoint decisions must agree."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
+
+
+def _chief_value(strategy: tf.distribute.Strategy, value: float) -> float:
+    """The chief's ``value`` on every worker (an all-reduce of the chief's value and zeros)."""
+    local = len(strategy.extended.worker_devices)  # every worker has as many replicas
+    mine = value if strategy.extended.should_checkpoint else 0.0
+    return _sum_over_replicas(strategy, mine) / local
+
+
+def _sum_over_replicas(strategy: tf.distribute.Strategy, value: float) -> float:
+    """``value`` of every replica of every worker, summed (a collective: every worker must call it)."""
+    values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(value, tf.float32))
+    return float(strategy.reduce("SUM", values, axis=None))
+
+
+def check_workers_agree(strategy: Any, value: int, what: str, folder: Path | None) -> None:
+    """Multi-worker: raises unless every worker holds the same ``value`` (e.g. the epoch its backup
+    resumes from); a no-op otherwise. Every worker reaches the same verdict (two all-reduces), so a
+    disagreement stops the whole job instead of leaving workers waiting in mismatched collectives.
+
+    Raises:
+        ConfigError: naming ``what``, this worker's value and checkpoint ``folder``, and the fix.
+    """
+    if not is_multi_worker(strategy):
+        return
+    chief = _chief_value(strategy, float(value))
+    gap = (float(value) - chief) ** 2
+    if _sum_over_replicas(strategy, gap) > 0.0:
+        raise ConfigError(
+            f"multi-worker resume: the workers' checkpoints disagree on {what} (the chief: {chief:g}, this "
+            f"worker: {value}, in {folder}); a worker's folder was lost or a kill landed between two workers' "
+            "writes. Delete that stage's checkpoints folder in the run directory and in every worker's temp "
+            "folder (RunDir.for_worker), then start all workers again: the stage restarts from its beginning"
+        )
