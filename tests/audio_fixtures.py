@@ -181,3 +181,24 @@ def dominant_frequency(waveform: np.ndarray, sample_rate: int) -> float:
     """The frequency (Hz) of the largest FFT magnitude, with a Hann window."""
     spectrum = np.abs(np.fft.rfft(waveform * np.hanning(len(waveform))))
     return float(np.fft.rfftfreq(len(waveform), 1.0 / sample_rate)[int(np.argmax(spectrum))])
+
+
+def write_multitask_speaker_dataset(root: Path, speakers_per_class: int = 4, clips_per_speaker: int = 4,
+                                    sample_rate: int = 8000, seed: int = 0) -> Path:
+    """The tone corpus of :func:`write_speaker_dataset` as a two-task manifest; returns its path.
+
+    ``root/manifest.csv`` has ``path,task:band,task:voice,speaker``: ``band`` is the class
+    (``low`` / ``high``), ``voice`` a per-speaker attribute (``a`` for even speaker numbers, ``b``
+    for odd). Every 4th clip lacks its ``voice`` label and every 7th its ``band`` (never both).
+    """
+    manifest = write_speaker_dataset(root, speakers_per_class, clips_per_speaker, sample_rate, seed=seed)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "task:band", "task:voice", "speaker"])
+        for index, row in enumerate(rows):
+            band = "" if index % 7 == 6 else row["label"]
+            voice = "" if index % 4 == 3 and band else "ab"[int(row["speaker"].rsplit("spk", 1)[1]) % 2]
+            writer.writerow([row["path"], band, voice, row["speaker"]])
+    return manifest

@@ -15,6 +15,8 @@ PUBLIC = {
     "RunDir", "InputContract",
     # Pretrained ImageNet classifiers with preprocessing inside (tlkit.imagenet), issue 15.
     "imagenet_classifier", "decode_imagenet",
+    # Multi-task runs (tlkit.multitask, issue 19): one backbone, one head per task; [tasks] entries.
+    "build_multitask_classifier", "TaskConfig",
 }
 
 

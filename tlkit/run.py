@@ -26,10 +26,19 @@ import tensorflow as tf
 from tlkit.adaptation.target import load_run_target
 from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
-from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.backbones.spec import BackboneSpec
 from tlkit.calibrate import Calibration, calibrate_model
 from tlkit.config import DataConfig, RunConfig, load_config
-from tlkit.data.audio import clip_samples, is_audio_file, load_audio_splits, make_audio_dataset, predict_clips
+from tlkit.data.audio import (
+    AUDIO_CACHED_CROPS,
+    audio_clip_length,  # noqa: F401  (moved to tlkit.data.audio; tlkit.run.audio_clip_length stays)
+    audio_crops,
+    clip_samples,
+    is_audio_file,
+    load_audio_splits,
+    make_audio_dataset,
+    predict_clips,
+)
 from tlkit.data.images import IMAGE_SUFFIXES, Example, Splits, class_weights, encode_labels, load_splits, make_batches
 from tlkit.errors import ConfigError
 from tlkit.evaluation.audio import evaluate_audio
@@ -42,11 +51,6 @@ from tlkit.multitask.manifest import resolve_tasks
 from tlkit.multitask.train import train_multitask
 from tlkit.rundir import InputContract, RunDir
 from tlkit.transfer_report import RunSplits, finish_report, measure_baselines
-
-
-#: Random training crops per clip whose features are cached when an audio run's head is solved
-#: (the encoder runs this many times over the training clips, once over validation).
-AUDIO_CACHED_CROPS = 4
 
 
 @dataclass
@@ -126,7 +130,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     verbose = cfg.training.verbose if verbose is None else verbose
     cfg = resolve_tasks(cfg)  # several label columns: one head per task (tlkit.multitask.train)
     if cfg.tasks:
-        done = train_multitask(cfg, strategy, verbose=verbose, baselines=baselines)
+        done = train_multitask(cfg, strategy, verbose=verbose, baselines=baselines, modality=_data_modality(cfg.data))
         return RunResult(done.run_dir, done.model, done.task_labels, done.history, done.test_metrics)  # type: ignore[arg-type]
     # Multi-worker: only the chief writes output_dir; the other workers write their own temp folder.
     rundir = RunDir.for_worker(cfg.output_dir) if cfg.training.distribute == "multi_worker" else RunDir(cfg.output_dir)
@@ -295,16 +299,9 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
 
 
 def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
-    frontend = spec.preprocessing
-    if not isinstance(frontend, AudioFrontend):
-        raise ConfigError(f"audio backbone {spec.name!r} has no AudioFrontend preprocessing: {frontend!r}")
-    rate = int(spec.sample_rate or frontend.sample_rate)
-    clip = audio_clip_length(spec, cfg.data.clip_seconds)
+    rate, clip, crops = audio_crops(spec, cfg.data.clip_seconds, cfg.data.eval_crops)
     if clip != clip_samples(cfg.data.clip_seconds, rate):
         _say(verbose, f"backbone {spec.name!r} takes exactly {clip} samples; crops are {clip / rate:g}s")
-    crops = int(cfg.data.eval_crops)
-    if crops < 1:
-        raise ConfigError(f"[data] eval_crops must be >= 1, got {crops}")
     splits = load_audio_splits(
         cfg.data.path, cfg.data.manifest, sample_rate=rate, val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
@@ -367,28 +364,6 @@ def _calibrate(model: keras.Model, data: _RunData, cfg: RunConfig, verbose: int 
                       f"examples (log-loss {calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}), "
                       "folded into the model")
     return calibration
-
-
-def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:
-    """Samples per training / evaluation crop for ``spec``: ``clip_seconds`` at its rate, or the
-    exact length an encoder traced for one input size needs (``fixed_input_samples``, e.g.
-    ``wav2vec2_base``).
-
-    Raises:
-        ConfigError: the crop is shorter than the encoder's ``min_input_samples``.
-    """
-    rate = int(spec.sample_rate or getattr(spec.preprocessing, "sample_rate", 16000))
-    if clip_seconds <= 0:
-        raise ConfigError(f"[data] clip_seconds must be > 0, got {clip_seconds}")
-    fixed = spec.audio_encoder.fixed_input_samples
-    clip = int(fixed) if fixed else clip_samples(clip_seconds, rate)
-    minimum = spec.audio_encoder.min_input_samples
-    if minimum and clip < int(minimum):
-        raise ConfigError(
-            f"[data] clip_seconds={clip_seconds} gives {clip} samples, but backbone {spec.name!r} needs at least "
-            f"{minimum} ({int(minimum) / rate:g}s at {rate} Hz); raise clip_seconds"
-        )
-    return clip
 
 
 def _audio_augmentation(augmentation: Any, verbose: int | str) -> AudioAugmentation | None:

@@ -15,6 +15,11 @@ Splits reuse :mod:`tlkit.data.images`: a manifest's ``speaker`` column becomes
 :attr:`Example.group`, and :func:`~tlkit.data.images.stratified_split` keeps every group
 whole, so no speaker is in two splits.
 
+Multi-task manifests (several label columns, ``tasks=``) are read by
+:func:`tlkit.data.task_manifest.list_task_manifest`, the reader image runs use: each example
+carries every task's labels (empty where missing), and the targets of a dataset are then
+``{task: (B, C_task)}`` with ``-1`` rows where a label is missing (``targets=``).
+
 Memory: a clip costs ``4 * sample_rate * seconds`` bytes (64 kB per second at 16 kHz),
 so 10 hours of 16 kHz audio hold about 2.3 GB.
 """
@@ -31,17 +36,43 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tlkit.data.images import Example, Splits, encode_labels, single_example_notes, stratified_split
-from tlkit.data.listing import Listing, keep_readable_classes, list_folder, list_manifest, require_two_classes
-from tlkit.errors import DataError
+from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.data.images import (
+    Example,
+    Splits,
+    encode_labels,
+    single_example_notes,
+    stratified_split,
+)
+from tlkit.data.listing import (
+    Listing,
+    TaskColumn,
+    keep_readable_classes,
+    list_folder,
+    list_manifest,
+    require_two_classes,
+)
+from tlkit.data.task_manifest import (
+    list_task_manifest,
+    require_task_classes,
+    with_classes,
+)
+from tlkit.errors import ConfigError, DataError
 
 log = logging.getLogger("tlkit.data")
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
 
+#: Random training crops per clip whose features are cached when an audio run's head is solved
+#: (the encoder runs this many times over the training clips, once over validation).
+AUDIO_CACHED_CROPS = 4
+
 __all__ = [
+    "AUDIO_CACHED_CROPS",
     "AUDIO_SUFFIXES",
     "AudioSplits",
+    "audio_clip_length",
+    "audio_crops",
     "check_audio",
     "clip_samples",
     "fixed_crops",
@@ -213,6 +244,7 @@ def load_audio_splits(
     silence_threshold: float = 1e-4,
     speaker_folders: bool = False,
     drop_unreadable_classes: bool = False,
+    tasks: Sequence[TaskColumn] = (),
 ) -> AudioSplits:
     """Reads a class folder or a manifest, decodes and checks every file, and splits by class.
 
@@ -226,19 +258,30 @@ def load_audio_splits(
             each speaker in one split.
         drop_unreadable_classes: a class whose every file is skipped is left out (named in
             :attr:`AudioSplits.dropped_classes`) instead of being an error.
+        tasks: a multi-task manifest's tasks (:func:`tlkit.multitask.manifest.task_columns`):
+            its rows are read with every task's labels and split stratified on each row's
+            first labelled task, speakers kept whole; ``drop_unreadable_classes`` does not apply.
 
     Returns:
         :class:`AudioSplits` whose ``waveforms`` hold every kept clip. When speakers are
-        given, no speaker appears in two splits.
+        given, no speaker appears in two splits. With ``tasks``: ``tasks`` holds them with
+        their classes, and ``class_names`` is empty.
 
     Raises:
-        DataError: bad paths or manifest rows (see :mod:`tlkit.data.listing`), fewer than two
-            classes, no usable file, or a class lost every file (without ``drop_unreadable_classes``).
+        DataError: bad paths or manifest rows (see :mod:`tlkit.data.listing` and
+            :mod:`tlkit.multitask.manifest`), fewer than two classes (per task), no usable
+            file, or a class lost every file (without ``drop_unreadable_classes``).
+        ConfigError: ``tasks`` with a data folder (class folders carry one label).
     """
     if (path is None) == (manifest is None):
         raise DataError("give exactly one of a data folder (`data.path`) or a CSV manifest (`data.manifest`)")
     if sample_rate <= 0:
         raise DataError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
+    if tasks:
+        if manifest is None:
+            raise ConfigError("[tasks] needs `[data] manifest`; class folders carry a single label")
+        return _load_task_splits(manifest, tasks, sample_rate, val_fraction, test_fraction, seed,
+                                 min_seconds=min_seconds, max_seconds=max_seconds, silence_threshold=silence_threshold)
     if path is not None:
         listing = _scan_speaker_folders(path) if speaker_folders else list_folder(path, AUDIO_SUFFIXES, "audio")
     else:
@@ -266,6 +309,30 @@ def load_audio_splits(
     return AudioSplits(class_names, train, val, test, skipped, listing.ignored, dropped,
                        [*listing.notes, *single_example_notes(examples)], sample_rate=sample_rate,
                        waveforms=waveforms)
+
+
+def _load_task_splits(
+    manifest: str | Path, tasks: Sequence[TaskColumn], sample_rate: int, val_fraction: float, test_fraction: float,
+    seed: int, **checks: Any,
+) -> AudioSplits:
+    """:func:`load_audio_splits` of a multi-task manifest (see its ``tasks``)."""
+    listing = list_task_manifest(manifest, tasks)
+    examples, waveforms, skipped = check_audio(listing.examples, sample_rate, **checks)
+    if not examples:
+        raise DataError(
+            f"none of the audio files in {manifest} could be used ({len(skipped)} skipped; first: {skipped[:3]})"
+        )
+    require_task_classes(examples, tasks, f"manifest {str(manifest)!r} (usable files)")
+    train, val, test = stratified_split(examples, val_fraction, test_fraction, seed)
+    found = with_classes(examples, tasks)
+    for task in found:
+        for name, split, fraction in (("validation", val, val_fraction), ("test", test, test_fraction)):
+            missing = sorted(set(task.classes) - {label for e in split for label in e.task_labels(task.name)})
+            if fraction > 0 and missing:
+                log.warning("task %r: the %s split has no example of %s (too few speakers or clips per class for "
+                            "whole-speaker splits)", task.name, name, missing)
+    return AudioSplits([], train, val, test, skipped, listing.ignored, [], list(listing.notes), found,
+                       sample_rate=sample_rate, waveforms=waveforms)
 
 
 def clip_samples(seconds: float, sample_rate: int) -> int:
@@ -327,6 +394,7 @@ def make_audio_dataset(
     training: bool = False,
     seed: int = 0,
     crops: int = 1,
+    targets: Any = None,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of ``(waveform float32 (B, clip_length), targets (B, C))``.
 
@@ -340,16 +408,20 @@ def make_audio_dataset(
         crops: evaluation only: ``crops`` evenly spaced crops per clip as consecutive
             rows (so the dataset holds ``len(examples) * crops`` rows); validation loss
             and accuracy are then per crop. :func:`predict_clips` averages them per clip.
+        targets: the targets to pair with the examples instead of their one-hot
+            ``class_names``: an ``(N, C)`` array or a dict of them (a multi-task model's
+            ``{task: (N, C_task)}``, see :func:`tlkit.multitask.data.task_targets`).
     """
     if not examples:
         raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
     if clip_length < 1:
         raise DataError(f"clip length must be at least one sample, got {clip_length}")
     waves = _waveforms_of(examples, waveforms)
-    targets = encode_labels(examples, class_names)
+    targets = encode_labels(examples, class_names) if targets is None else targets
     if not training:
         rows = np.concatenate([fixed_crops(w, clip_length, crops) for w in waves])
-        ds = tf.data.Dataset.from_tensor_slices((rows, np.repeat(targets, crops, axis=0)))
+        repeated = tf.nest.map_structure(lambda column: np.repeat(np.asarray(column), crops, axis=0), targets)
+        ds = tf.data.Dataset.from_tensor_slices((rows, repeated))
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     lengths = np.array([len(w) for w in waves], np.int64)
     ragged = tf.RaggedTensor.from_row_lengths(np.concatenate(waves).astype(np.float32), lengths)
@@ -365,6 +437,44 @@ def make_audio_dataset(
         deterministic=True,
     )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def audio_crops(spec: BackboneSpec, clip_seconds: float, eval_crops: int) -> tuple[int, int, int]:
+    """``(sample_rate, clip_length, eval_crops)`` of an audio run on ``spec``: the encoder's rate,
+    the samples per crop (:func:`audio_clip_length`) and the evaluation crops per clip.
+
+    Raises:
+        ConfigError: the backbone has no :class:`~tlkit.backbones.spec.AudioFrontend`,
+            ``eval_crops`` < 1, or the crop is too short for the encoder.
+    """
+    frontend = spec.preprocessing
+    if not isinstance(frontend, AudioFrontend):
+        raise ConfigError(f"audio backbone {spec.name!r} has no AudioFrontend preprocessing: {frontend!r}")
+    if int(eval_crops) < 1:
+        raise ConfigError(f"[data] eval_crops must be >= 1, got {eval_crops}")
+    return int(spec.sample_rate or frontend.sample_rate), audio_clip_length(spec, clip_seconds), int(eval_crops)
+
+
+def audio_clip_length(spec: BackboneSpec, clip_seconds: float) -> int:
+    """Samples per training / evaluation crop for a backbone spec: ``clip_seconds`` at its rate, or
+    the exact length an encoder traced for one input size needs (``fixed_input_samples``, e.g.
+    ``wav2vec2_base``).
+
+    Raises:
+        ConfigError: the crop is shorter than the encoder's ``min_input_samples``.
+    """
+    rate = int(spec.sample_rate or getattr(spec.preprocessing, "sample_rate", 16000))
+    if clip_seconds <= 0:
+        raise ConfigError(f"[data] clip_seconds must be > 0, got {clip_seconds}")
+    fixed = spec.audio_encoder.fixed_input_samples
+    clip = int(fixed) if fixed else clip_samples(clip_seconds, rate)
+    minimum = spec.audio_encoder.min_input_samples
+    if minimum and clip < int(minimum):
+        raise ConfigError(
+            f"[data] clip_seconds={clip_seconds} gives {clip} samples, but backbone {spec.name!r} needs at least "
+            f"{minimum} ({int(minimum) / rate:g}s at {rate} Hz); raise clip_seconds"
+        )
+    return clip
 
 
 def window_count(samples: int, length: int, crops: int) -> int:

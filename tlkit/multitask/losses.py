@@ -99,3 +99,18 @@ def task_losses(tasks: Sequence[Any], head: HeadConfig) -> dict[str, MaskedCross
 def task_metrics(tasks: Sequence[Any]) -> dict[str, list[Any]]:
     """``{task: [MaskedAccuracy]}``: Keras logs them as ``<task>_accuracy``."""
     return {t.name: [MaskedAccuracy(t.multi_label, name="accuracy")] for t in tasks}
+
+
+def task_scores(targets: dict[str, Any], probabilities: dict[str, Any], tasks: Sequence[Any],
+                head: HeadConfig) -> dict[str, float]:
+    """What ``model.evaluate`` reports for a multi-task model, from whole-data targets and
+    probabilities (e.g. audio clips scored as the mean of their crops): ``<task>_loss`` (masked,
+    times the task's ``loss_weight``), ``<task>_accuracy`` (labelled rows only) and their ``loss`` sum."""
+    losses = task_losses(tasks, head)
+    scores: dict[str, float] = {}
+    for task in tasks:
+        accuracy = MaskedAccuracy(task.multi_label)
+        accuracy.update_state(targets[task.name], probabilities[task.name])
+        scores[f"{task.name}_loss"] = float(losses[task.name](targets[task.name], probabilities[task.name]))
+        scores[f"{task.name}_accuracy"] = float(accuracy.result())
+    return {"loss": float(sum(scores[f"{t.name}_loss"] for t in tasks)), **scores}

@@ -1,9 +1,10 @@
 """Per-task baselines of a multi-task run: each task measured against the strongest simple things.
 
 For every task, on the rows labelled for it: the no-transfer baseline (logistic regression on
-downsampled pixels, :func:`tlkit.baselines.no_transfer_baseline`) and the linear probe of the
-frozen pretrained backbone (:func:`tlkit.baselines.linear_probe`) on the same features the head
-stage is solved on (one backbone pass for all tasks). After training, the model's own accuracy
+downsampled pixels or, for audio, log-mel statistics: :func:`tlkit.baselines.no_transfer_baseline`)
+and the linear probe of the frozen pretrained backbone (:func:`tlkit.baselines.linear_probe`); image
+runs probe the same features the head stage is solved on (one backbone pass for all tasks), audio
+runs the mean features of each clip's evaluation crops, as the single-task audio probe does. After training, the model's own accuracy
 per task goes beside them, with the NEGATIVE-TRANSFER / FINE-TUNING warnings of
 :mod:`tlkit.transfer_report`. ``run.json`` holds ``{"transfer": {"tasks": {task: report}}}``.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.baselines import feature_extractor, frozen_features, linear_probe, no_transfer_baseline
+from tlkit.baselines import feature_extractor, linear_probe, no_transfer_baseline
 from tlkit.data.images import Example, Splits
 from tlkit.data.listing import TaskColumn
 from tlkit.errors import DataError
@@ -31,16 +32,18 @@ def task_examples(examples: Sequence[Example], task: str) -> list[Example]:
 
 
 def measure_task_baselines(
-    model: Any, splits: Splits, batches: Callable[[Sequence[Example]], Any], cache: FeatureCache | None, *,
+    model: Any, splits: Splits, features_of: Callable[[Any, Sequence[Example]], np.ndarray],
+    cache: FeatureCache | None, *, waveforms: dict[str, np.ndarray] | None = None, sample_rate: int | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, TransferReport]:
     """``{task: TransferReport}`` with the baseline and the probe of each task, before training.
 
     Args:
         model: the multi-task classifier with its pretrained backbone not yet fine-tuned.
-        batches: examples -> un-augmented multi-task Batches at the model's size.
-        cache: the feature cache of this model on the training and validation batches (its
-            features serve every task's probe), or ``None`` (then they are computed here).
+        features_of: ``(feature extractor, examples) -> (N, C)`` frozen features, one row per example.
+        cache: image runs: the feature cache of this model on the training and validation batches
+            (its features serve every task's probe), or ``None`` (then they are computed here).
+        waveforms / sample_rate: audio runs: the decoded clips, for the log-mel baseline.
     """
     if not splits.val:
         say("baselines skipped: the run has no validation split to choose their regularisation on")
@@ -51,8 +54,8 @@ def measure_task_baselines(
     if cache is not None and cache.val_x is not None:
         features = [np.asarray(cache.train_x), np.asarray(cache.val_x)]
     else:
-        features = [frozen_features(extractor, batches(part)) for part in parts[:2]]
-    features.append(frozen_features(extractor, batches(parts[2])) if parts[2] else np.zeros((0, 1), np.float32))
+        features = [features_of(extractor, part) for part in parts[:2]]
+    features.append(features_of(extractor, parts[2]) if parts[2] else np.zeros((0, 1), np.float32))
     feature_seconds = time.monotonic() - started
     reports: dict[str, TransferReport] = {}
     for task in splits.tasks:
@@ -60,7 +63,8 @@ def measure_task_baselines(
         masks = [labelled(t) if len(t) else np.zeros(0, bool) for t in targets]
         try:
             baseline = no_transfer_baseline(*(task_examples(part, task.name) for part in parts[:2]),
-                                            list(task.classes), test=task_examples(parts[2], task.name))
+                                            list(task.classes), test=task_examples(parts[2], task.name),
+                                            waveforms=waveforms, sample_rate=sample_rate)
             started = time.monotonic()
             has_test = bool(masks[2].any())
             probe = linear_probe(features[0][masks[0]], targets[0][masks[0]], features[1][masks[1]],
