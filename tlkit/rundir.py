@@ -30,7 +30,6 @@ import io
 import json
 import os
 import shutil
-import zipfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +37,14 @@ from typing import Any
 
 import keras
 
-from tlkit.audio_augment import AudioAugmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.sources import SOURCES
 from tlkit.config import RunConfig, config_from_dict
 from tlkit.data.images import Example, Splits
 from tlkit.errors import ConfigError, TlkitError
 from tlkit.fileio import atomic_write_text, read_json, write_json
-from tlkit.model import build_classifier
-from tlkit.model_info import model_image_size, model_name, model_sample_rate, takes_waveform
-from tlkit.multitask.model import build_multitask_classifier
+from tlkit.model_info import model_image_size, model_sample_rate, takes_waveform
+from tlkit.run_model import load_saved_model, rebuild_model
 from tlkit.registration import register_serializables
 
 
@@ -469,38 +466,13 @@ class RunDir:
         # A source whose layer Keras's safe mode refuses (a SavedModel graph) says so in its record.
         source = SOURCES.get(str(status.get("backbone_source")))
         if source is None or source.reloads_safely:
-            model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
-            _refreeze(model)
-            if compile:
-                _compile_as_saved(model, model_path)
-            return model
-        cfg = self.config()
-        task_labels = self.task_labels()
-        labels = self.labels() if task_labels is None else []
-        spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
-                        modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
+            return load_saved_model(model_path, compile=compile)
         weights = self.file(self.WEIGHTS)
         if not weights.is_file():
             raise ConfigError(f"run {str(self.path)!r} has a SavedModel backbone but no {self.WEIGHTS}; retrain it")
-        augmentation = cfg.augmentation
-        if spec.modality == "audio" and not (augmentation is None or isinstance(augmentation, AudioAugmentation)):
-            augmentation = AudioAugmentation()
-        size = tuple(status["image_size"]) if status.get("image_size") else None
-        if task_labels is not None:
-            multi = {t["name"]: bool(t.get("multi_label")) for t in status.get("tasks", [])}
-            model = build_multitask_classifier(
-                spec, [(task, len(classes), multi.get(task, False)) for task, classes in task_labels.items()],
-                weights="pretrained", head=cfg.head, augmentation=augmentation, image_size=size,  # type: ignore[arg-type]
-                seed=cfg.seed, name=model_name(cfg.name),
-            )
-            model.load_weights(weights)
-            return model
-        model = build_classifier(
-            spec, len(labels), weights="pretrained", head=cfg.head, augmentation=augmentation,
-            image_size=size, seed=cfg.seed, name=model_name(cfg.name),  # type: ignore[arg-type]
-        )
-        model.load_weights(weights)
-        return model
+        task_labels = self.task_labels()
+        classes: list[str] | dict[str, list[str]] = self.labels() if task_labels is None else task_labels
+        return rebuild_model(self.config(), status, classes, weights)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -522,29 +494,4 @@ class RunDir:
             raise ConfigError(f"{str(path)!r} is missing; is this a finished tlkit run?") from exc
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{str(path)!r} cannot be read ({exc}); the run directory is damaged") from exc
-
-
-def _refreeze(model: keras.Model) -> None:
-    """Re-applies frozen flags after loading: Keras rebuilds the sublayers of some layers
-    (``MultiHeadAttention``'s query/key/value projections in Whisper's blocks) as trainable even
-    when their parent was saved frozen, so a loaded run had more trainable variables than the
-    saved one (and Keras warned that the saved optimizer did not fit). Runs saved since
-    :class:`tlkit.backbones.layers.MultiHeadAttention` do not need it; older runs do."""
-    for layer in model._flatten_layers(include_self=False):
-        if not layer.trainable:
-            # Called directly: on the TensorFlow backend ``layer.trainable = False`` is skipped when
-            # the flag is already False (keras/src/backend/tensorflow/trackable.py), so the
-            # sublayers would never hear of it. The setter propagates to every sublayer.
-            keras.layers.Layer.trainable.fset(layer, False)
-
-
-def _compile_as_saved(model: keras.Model, path: Path) -> None:
-    """Compiles ``model`` with the loss, metrics and optimizer kind saved in the ``.keras`` file
-    (a fresh optimizer: the final model's saved optimizer holds no training state worth keeping)."""
-    with zipfile.ZipFile(path) as archive:
-        config = json.loads(archive.read("config.json").decode("utf-8")).get("compile_config")
-    if config:
-        model.compile_from_config(config)
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
 
