@@ -1,5 +1,7 @@
-"""Resume after kill -9: every stage runs all its epochs, and the learning-rate schedule matches an
-uninterrupted run. Each run is a real ``tlkit train`` process, killed with SIGKILL mid-epoch."""
+"""Resume after kill -9: every stage runs all its epochs, the learning-rate schedule matches an
+uninterrupted run, and so do the final weights (each epoch reads the same batches in the same order,
+whether or not the run was interrupted before it). Each run is a real ``tlkit train`` process, killed
+with SIGKILL mid-epoch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -79,6 +82,14 @@ def _history(run: Path) -> list[dict]:
     return json.loads((run / "history.json").read_text())["epochs"]
 
 
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    """Every array of the run's final ``model.weights.h5``, by its path in the file."""
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(run / "model.weights.h5", "r") as f:
+        f.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
 @pytest.mark.parametrize(("stages", "kill_after", "every_epoch"),
                          [(THREE_STAGES, 3, True), (TWO_STAGES, 1, True), (THREE_STAGES, 4, False)],
                          ids=["killed-in-top-epoch-2-of-3-stages", "killed-in-head-epoch-2",
@@ -107,5 +118,10 @@ def test_kill_9_resume_runs_every_epoch_of_every_stage(
     assert [r["epoch"] for r in got] == list(range(1, sum(s["epochs"] for s in stages) + 1))
     assert [(r["stage"], r["stage_epoch"]) for r in got] == [(r["stage"], r["stage_epoch"]) for r in want]
     np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in want], rtol=1e-6)
+    # Same batches in the same order in every epoch (also those after the resume point): same weights.
+    resumed_weights, whole_weights = _weights(tmp_path / "killed"), _weights(tmp_path / "whole")
+    assert resumed_weights.keys() == whole_weights.keys() and resumed_weights
+    for name, value in whole_weights.items():
+        np.testing.assert_allclose(resumed_weights[name], value, atol=1e-5, err_msg=name)
     status = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert status["status"] == "complete"

@@ -24,7 +24,7 @@ import tensorflow as tf
 from tlkit.adaptation.training import Adapter, StagePlan
 from tlkit.checkpointing import StageCheckpoint, check_workers_agree, restore_backup
 from tlkit.config import AdaptationConfig
-from tlkit.data.batches import Batches
+from tlkit.data.batches import Batches, epoch_range
 from tlkit.errors import ConfigError
 from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.fileio import atomic_save, write_json
@@ -139,6 +139,25 @@ class _HistoryRecorder(keras.callbacks.Callback):
         self.records.append(record)
         if self.run is not None:
             self.run.append_live_history(record)
+
+
+class _EpochSeeds(keras.callbacks.Callback):
+    """At the start of every epoch, sets each random layer's seed state (dropout, augmentation) to its
+    seed and the run's epoch number, so its draws in an epoch do not depend on how many epochs this
+    process ran before: a resumed run draws the masks an uninterrupted one draws (Keras saves no
+    ``SeedGenerator`` state with the weights)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        weights = {id(v) for v in self.model.weights}  # model.variables adds the SeedGenerator states
+        for state in (v for v in self.model.variables if id(v) not in weights and v.name == "seed_generator_state"):
+            seed = int(keras.ops.convert_to_numpy(state)[0])
+            # The draw counter starts the epoch's own stream: Keras folds seeds into int32 (mod 2**31 - 2), so
+            # epochs 2**20 draws apart stay disjoint for 2047 epochs of up to a million draws each.
+            state.assign([seed, (self.offset + epoch) << 20])
 
 
 def _current_lr(optimizer: Any) -> float:
@@ -344,6 +363,7 @@ def _run_stage(
     fit_model = cache.head if cache else model
     fit_train = cache.train if cache else train
     fit_val = cache.validation if cache else validation
+    source = fit_train  # what an adaptation's training data is built from
     prefix = "head_" if cache else ""
     if plan is not None:
         fit_model, fit_train, fit_val, prefix = plan.model, plan.train, plan.validation, plan.prefix
@@ -376,17 +396,19 @@ def _run_stage(
     checkpoint = StageCheckpoint(stage_dir, monitor, stage.epochs, prefix=prefix, budget_seconds=backup_seconds,
                                  resumed=resumed)
     # The history line is written before the backup, so a resumed run never misses an epoch.
-    stage_callbacks: list[Any] = [*(plan.callbacks if plan else []), _HistoryRecorder(stage, run, records, epochs_done),
-                                  checkpoint]
+    stage_callbacks: list[Any] = [_EpochSeeds(epochs_done), *(plan.callbacks if plan else []),
+                                  _HistoryRecorder(stage, run, records, epochs_done), checkpoint]
     if run is not None:
         stage_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run.logs(stage.name))))
     if stage.early_stopping_patience is not None:
         stage_callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=stage.early_stopping_patience))
     if run is not None:
         run.rewrite_live_history(records)
+    epoch_data, epoch_steps = _epoch_data(fit_train, source, initial, stage.epochs)
     fit_model.fit(
-        _batched(fit_train), validation_data=_batched(fit_val), epochs=stage.epochs, initial_epoch=initial,
-        class_weight=class_weight, callbacks=[*stage_callbacks, *callbacks], verbose=_keras_verbose(verbose),
+        _batched(epoch_data), validation_data=_batched(fit_val), epochs=stage.epochs, initial_epoch=initial,
+        steps_per_epoch=epoch_steps, class_weight=class_weight, callbacks=[*stage_callbacks, *callbacks],
+        verbose=_keras_verbose(verbose),
         shuffle=False,  # tf.data input: shuffling belongs to the pipeline
     )
     fit_model._initial_epoch = None
@@ -422,6 +444,21 @@ def _in_scope(metrics: Sequence[Any], strategy: tf.distribute.Strategy) -> list[
 def _seed(data: Any) -> int:
     """The shuffle seed of tlkit Batches (0 otherwise): seeds the adaptation's own fits."""
     return int(data.seed) if isinstance(data, Batches) else 0
+
+
+def _epoch_data(data: Any, source: Any, first: int, end: int) -> tuple[Any, int | None]:
+    """A stage's training data from epoch ``first`` to ``end - 1`` and the steps of one epoch, so that a
+    resumed stage reads in each epoch the batches an uninterrupted one reads (see
+    :meth:`Batches.epochs`). That holds for tlkit Batches, and for an adaptation's data built from them
+    for this stage (``epoch_range``: passes of a new dataset; under a ``tf.distribute`` strategy Keras's
+    symbolic build starts one pass first, which shifts them). Any other ``tf.data`` pipeline is returned as
+    it is with ``None`` steps (``fit`` re-iterates it every epoch; its order is its next pass's)."""
+    if isinstance(data, Batches):
+        return data.epochs(first, end), data.steps
+    steps = int(data.cardinality()) if isinstance(source, Batches) and isinstance(data, tf.data.Dataset) else -1
+    if steps > 0:
+        return epoch_range(data, steps, first, end), steps
+    return data, None
 
 
 def _batched(data: Any) -> Any:

@@ -4,12 +4,19 @@ Handing :func:`tlkit.fine_tune` a :class:`Batches` instead of an already batched
 ``tf.data.Dataset`` lets it cache backbone features for head-only stages: it can replace
 each example by its feature vector and batch the features in exactly the order the
 images would have been batched (same seed, same shuffle, same batch size).
+
+Epoch ``e`` of a training set reads the same batches in the same order whether or not the run
+was interrupted before it: :meth:`Batches.epochs` shuffles epoch ``e`` with a seed made from the
+Batches' seed and ``e`` only, so a resumed stage starts at its epoch with that epoch's order, and
+no earlier pass over the data (an interrupted process, Keras's build under a strategy) shifts it
+(see ``docs/reliability.md``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import tensorflow as tf
 
 SHUFFLE_BUFFER_LIMIT = 10_000
@@ -35,11 +42,29 @@ class Batches:
     seed: int = 0
 
     def batched(self) -> tf.data.Dataset:
-        """The ``tf.data.Dataset`` of batches that training reads."""
+        """The ``tf.data.Dataset`` of one epoch's batches (each further pass over the same dataset
+        object reshuffles; see :meth:`epochs` for epoch ``e`` of a training run)."""
         ds = self.examples
         if self.shuffle:
             ds = ds.shuffle(min(self.count, SHUFFLE_BUFFER_LIMIT), seed=self.seed, reshuffle_each_iteration=True)
         return ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def epochs(self, first: int, end: int) -> tf.data.Dataset:
+        """Epochs ``first .. end - 1`` back to back: ``(end - first) * steps`` batches, for ``fit`` with
+        ``steps_per_epoch=steps`` (Keras then keeps one iterator across epochs).
+
+        Epoch ``e`` is shuffled with :func:`epoch_seed` ``(seed, e)`` and not reshuffled, so every
+        pass over the returned dataset reads the same batches: a stage resumed after epoch ``k``
+        reads those of an uninterrupted stage from epoch ``k`` on.
+        """
+        if not self.shuffle:
+            return self.examples.batch(self.batch_size).repeat(max(0, end - first)).prefetch(tf.data.AUTOTUNE)
+        buffer = min(self.count, SHUFFLE_BUFFER_LIMIT)
+        parts = [self.examples.shuffle(buffer, seed=epoch_seed(self.seed, e), reshuffle_each_iteration=False)
+                 .batch(self.batch_size) for e in range(first, end)] or [self.examples.take(0).batch(self.batch_size)]
+        while len(parts) > 1:  # pairwise, so the nesting is log2(epochs) deep
+            parts = [a.concatenate(b) for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
+        return parts[0].prefetch(tf.data.AUTOTUNE)
 
     def in_order(self) -> tf.data.Dataset:
         """Batches in the fixed example order (no shuffling), e.g. to compute features once."""
@@ -52,3 +77,19 @@ class Batches:
     @property
     def steps(self) -> int:
         return -(-self.count // self.batch_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of epoch ``epoch`` (from 0) of data shuffled with ``seed``: a function of the two only."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
+def epoch_range(batched: tf.data.Dataset, steps: int, first: int, end: int) -> tf.data.Dataset:
+    """Passes ``first .. end - 1`` over a newly built, finite batched dataset of ``steps`` batches.
+
+    ``repeat`` makes pass ``e`` the ``e``-th iteration of ``batched`` (a reshuffling ``shuffle``
+    advances its order once per iteration, as when ``fit`` re-iterates it every epoch); ``skip``
+    passes over the earlier epochs without training on them. ``batched`` must be new (not
+    iterated before), or its first pass is not epoch 0.
+    """
+    return batched.repeat(end).skip(first * steps)
