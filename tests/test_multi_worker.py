@@ -172,9 +172,9 @@ def _assert_metrics_are_the_whole_splits(run: RunDir, one: RunDir) -> None:
     """The multi-worker run's reported metrics against (1) ``one``, a one-process run on the same data and
     seed, killed and resumed at the same point, and (2) what the chief's saved model scores on the splits.
 
-    The reference is ``distribute = "mirrored"`` (one replica): with a strategy, Keras's ``fit`` draws one
-    pass of the shuffled training set before the first epoch (its symbolic build), so ``"auto"`` trains on
-    other (equally seeded) permutations and ends with other weights; the code path is otherwise the same.
+    The reference is ``distribute = "mirrored"`` (one replica), the same strategy code path as the
+    workers'. (Training sets are now epoch-addressed, see :meth:`tlkit.data.batches.Batches.epochs`, so
+    Keras's opening read no longer moves the shuffle; "mirrored" is kept as the closest reference.)
     """
     ours, theirs = run.history()["epochs"], one.history()["epochs"]
     assert len(ours) == len(theirs) == 5
