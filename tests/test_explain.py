@@ -15,7 +15,6 @@ from tests.conftest import tiny_cnn, tiny_spec
 from tlkit.errors import ConfigError
 from tlkit.explain import (
     MIN_MAP_SIZE,
-    OVERLAY_THRESHOLD,
     audio_saliency,
     explain_images,
     find_spatial_layer,
@@ -23,6 +22,7 @@ from tlkit.explain import (
     overlay,
 )
 from tlkit.finetune import Schedule, Stage, fine_tune
+from tlkit.heatmap import OVERLAY_THRESHOLD
 
 SIZE = 64
 SQUARE = 14

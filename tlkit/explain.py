@@ -42,20 +42,29 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.errors import ConfigError
+from tlkit.heatmap import overlay
+from tlkit.layer_replay import (
+    LOGITS_LAYER,
+    chain_layers,
+    check_replay,
+    choose_classes,
+    class_score,
+    class_targets,
+    log_probabilities,
+    run_head,
+    run_layers,
+)
 
 log = logging.getLogger("tlkit.explain")
 
 __all__ = ["Explanation", "audio_saliency", "explain_images", "find_spatial_layer", "grad_cam", "overlay"]
 
 BACKBONE_LAYER = "backbone"
-LOGITS_LAYER = "logits"
 FRONTEND_LAYER = "frontend"
 MIN_MAP_SIZE = 7
 """Grad-CAM uses the last layer whose map has at least this many cells on both sides."""
 CAM_PERCENTILE = 99.0
 """Each map is divided by this percentile of its values (then clipped to [0, 1])."""
-OVERLAY_THRESHOLD = 0.2
-""":func:`overlay` leaves heat below this uncoloured."""
 
 
 @dataclass
@@ -119,7 +128,7 @@ def explain_images(
         batch = batch[None]
     if batch.ndim != 4 or batch.shape[-1] != 3:
         raise ConfigError(f"grad_cam takes images shaped (B, H, W, 3) or (H, W, 3), got {batch.shape}")
-    targets = _class_targets(class_index, len(batch))
+    targets = class_targets(class_index, len(batch))
     explainer = _ImageExplainer(model, layer, tf.convert_to_tensor(batch[:1]))
     maps, classes, probabilities = [], [], []
     for start in range(0, len(batch), batch_size):
@@ -200,42 +209,6 @@ def _own_output(network: keras.Model, layer: keras.layers.Layer) -> Any:
         return None
 
 
-def overlay(
-    image: np.ndarray,
-    heatmap: np.ndarray,
-    alpha: float = 0.45,
-    colormap: str = "jet",
-    threshold: float = OVERLAY_THRESHOLD,
-) -> np.ndarray:
-    """The heatmap drawn over the image, on a fixed 0..1 colour scale.
-
-    Args:
-        image: (H, W, 3) pixels 0..255 (float or uint8).
-        heatmap: (h, w) values in [0, 1]; resized (bilinear) to (H, W) when needed.
-        alpha: weight of the heatmap colours where the heat is 1.
-        colormap: a matplotlib colormap name (heat 0 -> its first colour, 1 -> its last).
-        threshold: heat below it is not drawn (the image shows through, so the picture
-            shows where the evidence is not); above it the colour's weight rises from 0 to
-            ``alpha``.
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    import matplotlib
-
-    pixels = np.clip(np.asarray(image, np.float32), 0, 255)
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=-1)
-    heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0.0, 1.0)
-    if heat.shape != pixels.shape[:2]:
-        resized = tf.image.resize(heat[..., None], pixels.shape[:2], method="bilinear")
-        heat = np.clip(resized.numpy()[..., 0], 0.0, 1.0)
-    colours = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
-    weight = alpha * np.clip((heat - threshold) / max(1.0 - threshold, 1e-6), 0.0, 1.0)[..., None]
-    blended = (1.0 - weight) * pixels + weight * colours
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
-
-
 def audio_saliency(
     model: keras.Model,
     waveforms: np.ndarray,
@@ -257,7 +230,7 @@ def audio_saliency(
     batch = np.asarray(waveforms, np.float32)
     if batch.ndim == 1:
         batch = batch[None]
-    layers = _chain(model)
+    layers = chain_layers(model)
     names = [item.name for item in layers]
     if FRONTEND_LAYER not in names:
         raise ConfigError(
@@ -265,18 +238,18 @@ def audio_saliency(
             "(e.g. the log-mel layer) as a named layer"
         )
     split = names.index(FRONTEND_LAYER) + 1
-    targets = _class_targets(class_index, len(batch))
+    targets = class_targets(class_index, len(batch))
     x = tf.convert_to_tensor(batch)
-    features = _run(layers[:split], x)
+    features = run_layers(layers[:split], x)
     with tf.GradientTape() as tape:
         tape.watch(features)
-        score_source, probabilities = _run_head(layers[split:], features)
-        classes = _choose(probabilities, targets)
-        score = _score(score_source, classes)
+        score_source, probabilities = run_head(layers[split:], features)
+        classes = choose_classes(probabilities, targets)
+        score = class_score(score_source, classes)
     gradient = tape.gradient(score, features)
     if gradient is None:
         raise ConfigError(f"no gradient reaches the {FRONTEND_LAYER!r} output of model {model.name!r}")
-    _check_chain(model, x, probabilities)
+    check_replay(model, x, probabilities)
     saliency = tf.abs(tf.cast(gradient, tf.float32))
     if saliency.shape.rank > 3:  # e.g. (B, frames, mels, 1)
         saliency = tf.reduce_max(saliency, axis=list(range(3, saliency.shape.rank)))
@@ -294,7 +267,7 @@ class _ImageExplainer:
 
     def __init__(self, model: keras.Model, layer: str | None, sample: Any = None) -> None:
         self.model = model
-        self.layers = _chain(model)
+        self.layers = chain_layers(model)
         self.note = ""
         names = [item.name for item in self.layers]
         backbone = model.get_layer(BACKBONE_LAYER) if BACKBONE_LAYER in names else None
@@ -340,7 +313,7 @@ class _ImageExplainer:
                     f"{_spatial_names(backbone)[-8:]}"
                 )
             if layer is None:  # measured at the backbone's input for these images
-                inner_sample = None if sample is None else _run(self.layers[: self.backbone_index], sample[:1])
+                inner_sample = None if sample is None else run_layers(self.layers[: self.backbone_index], sample[:1])
                 layer = find_spatial_layer(backbone, inner_sample)
             self.layer_name = layer
             target = _own_output(backbone, backbone.get_layer(self.layer_name))
@@ -369,16 +342,16 @@ class _ImageExplainer:
                 tape.watch(x)
                 outputs = self.flat(x, training=False)
                 activation, probabilities = outputs[0], outputs[1]
-                score_source = outputs[2] if len(outputs) > 2 else _log(probabilities)
-                classes = _choose(probabilities, targets)
-                score = _score(score_source, classes)
+                score_source = outputs[2] if len(outputs) > 2 else log_probabilities(probabilities)
+                classes = choose_classes(probabilities, targets)
+                score = class_score(score_source, classes)
             return self._cam(tape, score, activation, size), classes, np.asarray(probabilities, np.float32)
         before = self.layers[: self.backbone_index]
         backbone = self.layers[self.backbone_index]
         after = self.layers[self.backbone_index + 1 :]
         with tf.GradientTape() as tape:
             tape.watch(x)
-            h = _run(before, x)
+            h = run_layers(before, x)
             if self.method == "saliency":
                 tape.watch(h)
                 features = backbone(h, training=False)
@@ -388,11 +361,11 @@ class _ImageExplainer:
             else:
                 features = backbone(h, training=False)
                 activation = features
-            score_source, probabilities = _run_head(after, features)
-            classes = _choose(probabilities, targets)
-            score = _score(score_source, classes)
+            score_source, probabilities = run_head(after, features)
+            classes = choose_classes(probabilities, targets)
+            score = class_score(score_source, classes)
         if not self.checked:
-            _check_chain(self.model, x, probabilities)
+            check_replay(self.model, x, probabilities)
             self.checked = True
         if self.method == "saliency":
             gradient = tape.gradient(score, activation)
@@ -412,72 +385,6 @@ class _ImageExplainer:
         cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1, keepdims=True))  # (B, h, w, 1)
         cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
         return _normalise(cam.numpy(), percentile=CAM_PERCENTILE)
-
-
-def _chain(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's layers after its input, in order (tlkit classifiers are a single chain)."""
-    if len(model.inputs) != 1:
-        raise ConfigError(f"model {model.name!r} has {len(model.inputs)} inputs; explanations need one")
-    return [item for item in model.layers if not isinstance(item, keras.layers.InputLayer)]
-
-
-def _run(layers: Sequence[keras.layers.Layer], x: Any) -> Any:
-    for item in layers:
-        x = item(x, training=False)
-    return x
-
-
-def _run_head(layers: Sequence[keras.layers.Layer], x: Any) -> tuple[Any, Any]:
-    """Runs the head; returns ``(score source, probabilities)``: the logits when the
-    head has a layer named ``logits``, else the log of the probabilities."""
-    logits = None
-    for item in layers:
-        x = item(x, training=False)
-        if item.name == LOGITS_LAYER:
-            logits = x
-    return (logits if logits is not None else _log(x)), x
-
-
-def _log(probabilities: Any) -> Any:
-    return tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), 1e-12))
-
-
-def _choose(probabilities: Any, targets: np.ndarray | None) -> np.ndarray:
-    if targets is not None:
-        return targets
-    return np.argmax(np.asarray(probabilities), axis=-1).astype(np.int64)
-
-
-def _score(score_source: Any, classes: np.ndarray) -> tf.Tensor:
-    scores = tf.cast(score_source, tf.float32)
-    if scores.shape.rank != 2:
-        raise ConfigError(f"the classifier's scores have shape {tuple(scores.shape)}; expected (B, num_classes)")
-    num_classes = int(scores.shape[-1])
-    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ConfigError(f"class_index {classes.tolist()} out of range for {num_classes} classes")
-    return tf.reduce_sum(scores * tf.one_hot(classes, num_classes))
-
-
-def _class_targets(class_index: int | Sequence[int] | None, count: int) -> np.ndarray | None:
-    if class_index is None:
-        return None
-    targets = np.asarray(class_index, np.int64).reshape(-1)
-    if targets.size == 1:
-        return np.full(count, int(targets[0]), np.int64)
-    if targets.size != count:
-        raise ConfigError(f"class_index has {targets.size} entries for {count} examples")
-    return targets
-
-
-def _check_chain(model: keras.Model, x: tf.Tensor, probabilities: Any) -> None:
-    """Guards the layer-by-layer replay: it must reproduce the model's own output."""
-    expected = np.asarray(model(x, training=False), np.float32)
-    got = np.asarray(probabilities, np.float32)
-    if expected.shape != got.shape or not np.allclose(expected, got, atol=1e-3):
-        raise ConfigError(
-            f"model {model.name!r} is not a plain chain of layers (re-running its layers in order does not "
-            "reproduce its output), so explanations cannot be computed for it"
-        )
 
 
 def _normalise(maps: np.ndarray, percentile: float | None = None) -> np.ndarray:

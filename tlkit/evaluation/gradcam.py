@@ -21,7 +21,8 @@ from PIL import Image
 from tlkit.data.images import decode_and_resize
 from tlkit.evaluation.mistakes import Outcome
 from tlkit.evaluation.plots import figure, save
-from tlkit.explain import CAM_PERCENTILE, OVERLAY_THRESHOLD, explain_images, overlay
+from tlkit.explain import CAM_PERCENTILE, explain_images
+from tlkit.heatmap import OVERLAY_THRESHOLD, overlay
 
 
 def write_gradcam(
