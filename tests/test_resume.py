@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.audio_fixtures import write_speaker_dataset
 from tests.conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import tlkit.backbones as backbones
+    from tests.audio_fixtures import tiny_wave_spec
     from tests.conftest import tiny_spec
     backbones.register(tiny_spec(), overwrite=True)
+    backbones.register(tiny_wave_spec(), overwrite=True)
     import tlkit.finetune as finetune
     from tlkit.cli import main
     kill_after = int(os.environ.get("KILL_AFTER", "-1"))
@@ -58,10 +61,13 @@ TWO_STAGES = [
 ]
 
 
-def _config(tmp: Path, data: Path, name: str, stages: list[dict]) -> Path:
-    lines = [f'name = "{name}"', f'output_dir = "{tmp / name}"', "seed = 0", "[data]", f'path = "{data}"',
-             "batch_size = 8", "val_fraction = 0.2", "test_fraction = 0.2", "[backbone]", 'name = "tiny_test"',
-             "[augmentation]", "enabled = false"]
+def _config(tmp: Path, data: Path, name: str, stages: list[dict], audio: bool = False,
+            augmentation: bool = False) -> Path:
+    source = [f'manifest = "{data}"', "clip_seconds = 0.5"] if audio else [f'path = "{data}"']
+    lines = [f'name = "{name}"', f'output_dir = "{tmp / name}"', "seed = 0", "[data]", *source,
+             "batch_size = 8", "val_fraction = 0.2", "test_fraction = 0.2", "[backbone]",
+             f'name = "{"tiny_audio_test" if audio else "tiny_test"}"', "[head]", "dropout = 0.0",
+             *([] if augmentation else ["[augmentation]", "enabled = false"])]
     for stage in stages:
         lines.append("[[schedule.stages]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in stage.items()]
@@ -125,3 +131,65 @@ def test_kill_9_resume_runs_every_epoch_of_every_stage(
         np.testing.assert_allclose(resumed_weights[name], value, atol=1e-5, err_msg=name)
     status = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert status["status"] == "complete"
+
+
+AUDIO_STAGES = [
+    {"name": "head", "epochs": 1, "learning_rate": 0.02, "solver": "sgd"},
+    {"name": "thawed", "epochs": 3, "unfreeze": "all", "learning_rate": 0.003},
+]
+
+
+@pytest.mark.parametrize("augmentation", [False, True], ids=["cached-head", "augmented"])
+def test_kill_9_resume_of_an_audio_run_reads_the_same_crops(tmp_path: Path, augmentation: bool) -> None:
+    """Raw audio: one random crop per clip and epoch. Killed in epoch 2 of the thawed stage, the resumed run
+    trains epochs 2 and 3 on the crops and order of an uninterrupted run's, so it ends with its weights. The
+    uninterrupted run read the training pipeline before that epoch: four passes for the head stage's feature
+    cache, or (augmentation on: no cache) the head stage's epoch and the thawed stage's first."""
+    data = write_speaker_dataset(tmp_path / "data", speakers_per_class=3, clips_per_speaker=4)
+
+    def config(name: str) -> Path:
+        return _config(tmp_path, data, name, AUDIO_STAGES, audio=True, augmentation=augmentation)
+
+    for name, kill_after in (("killed", 2), ("killed", None), ("whole", None)):  # killed in thawed epoch 2, resumed
+        done = _train(config(name), kill_after, every_epoch=name == "killed")
+        assert done.returncode == (-signal.SIGKILL if kill_after else 0), done.stderr[-3000:]
+        if kill_after:
+            assert list((tmp_path / "killed" / "checkpoints" / "thawed").glob("*backup.json"))
+
+    epochs = [[(r["stage"], r["stage_epoch"]) for r in _history(tmp_path / name)] for name in ("killed", "whole")]
+    assert epochs[0] == epochs[1] == [("head", 1), ("thawed", 1), ("thawed", 2), ("thawed", 3)]
+    resumed_weights, whole_weights = _weights(tmp_path / "killed"), _weights(tmp_path / "whole")
+    assert resumed_weights.keys() == whole_weights.keys() and resumed_weights
+    difference = max(float(np.max(np.abs(resumed_weights[k] - v))) for k, v in whole_weights.items())
+    assert difference <= 1e-5, f"the resumed audio run's weights differ from the uninterrupted run's by {difference}"
+    for name, value in whole_weights.items():
+        np.testing.assert_allclose(resumed_weights[name], value, atol=1e-5, err_msg=name)
+
+
+def test_audio_training_epochs_depend_on_the_seed_and_epoch_only() -> None:
+    """The audio training set read by epoch: epoch e is the same batches whether reading starts at epoch 0
+    or 1, after the dataset itself was read, or in a new dataset; epochs differ (order and crops)."""
+    from tlkit.data.audio import make_audio_dataset
+    from tlkit.data.batches import epoch_addressed
+    from tlkit.data.images import Example
+
+    rng = np.random.default_rng(0)
+    waves = {f"clip{i}.wav": rng.normal(0, 0.1, 800 + 37 * i).astype(np.float32) for i in range(10)}
+    examples = [Example(path, ("a" if i % 2 else "b",)) for i, path in enumerate(waves)]
+
+    def epochs(first: int, end: int, read_first: bool = False) -> list[np.ndarray]:
+        ds = make_audio_dataset(examples, ["a", "b"], waves, 400, batch_size=4, training=True, seed=3)
+        if read_first:  # e.g. the feature cache's passes
+            for _ in range(3):
+                list(ds)
+        addressed = epoch_addressed(ds)
+        assert addressed is not None and addressed.steps == 3
+        return [x.numpy() for x, _ in addressed.epochs(first, end)]
+
+    whole = epochs(0, 3)
+    assert len(whole) == 9
+    for got, want in zip(epochs(1, 3, read_first=True), whole[3:]):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(np.concatenate(whole[:3]), np.concatenate(whole[3:6]))
+    mapped = make_audio_dataset(examples, ["a", "b"], waves, 400, training=True).map(lambda x, y: (x, y))
+    assert epoch_addressed(mapped) is None  # a transformed copy is a plain pipeline

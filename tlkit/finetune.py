@@ -24,7 +24,7 @@ import tensorflow as tf
 from tlkit.adaptation.training import Adapter, StagePlan
 from tlkit.checkpointing import StageCheckpoint, check_workers_agree, restore_backup
 from tlkit.config import AdaptationConfig
-from tlkit.data.batches import Batches, epoch_range
+from tlkit.data.batches import Batches, epoch_addressed, epoch_range
 from tlkit.errors import ConfigError
 from tlkit.feature_cache import FeatureCache, cache_blocker
 from tlkit.fileio import atomic_save, write_json
@@ -449,12 +449,15 @@ def _seed(data: Any) -> int:
 def _epoch_data(data: Any, source: Any, first: int, end: int) -> tuple[Any, int | None]:
     """A stage's training data from epoch ``first`` to ``end - 1`` and the steps of one epoch, so that a
     resumed stage reads in each epoch the batches an uninterrupted one reads (see
-    :meth:`Batches.epochs`). That holds for tlkit Batches, and for an adaptation's data built from them
+    :meth:`Batches.epochs`). That holds for tlkit Batches, for a ``tf.data.Dataset`` carrying an
+    epoch-addressed source (:func:`~tlkit.data.batches.epoch_addressed`: the audio training set of
+    ``make_audio_dataset``), and for an adaptation's data built from Batches
     for this stage (``epoch_range``: passes of a new dataset; under a ``tf.distribute`` strategy Keras's
     symbolic build starts one pass first, which shifts them). Any other ``tf.data`` pipeline is returned as
     it is with ``None`` steps (``fit`` re-iterates it every epoch; its order is its next pass's)."""
-    if isinstance(data, Batches):
-        return data.epochs(first, end), data.steps
+    addressed = epoch_addressed(data)
+    if addressed is not None:
+        return addressed.epochs(first, end), addressed.steps
     steps = int(data.cardinality()) if isinstance(source, Batches) and isinstance(data, tf.data.Dataset) else -1
     if steps > 0:
         return epoch_range(data, steps, first, end), steps

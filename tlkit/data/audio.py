@@ -6,10 +6,11 @@ soxr. The decoded waveforms are kept in memory as float32 numpy arrays
 (:attr:`AudioSplits.waveforms`), so epochs never touch the files again and a corrupt,
 silent or too short file is reported by path and skipped before training starts.
 
-Datasets yield ``(waveform float32 (B, clip_samples), targets float32 (B, num_classes))``:
-training takes one random, seeded crop per clip and epoch (clips shorter than the crop
-are zero-padded at a random offset); evaluation takes ``crops`` evenly spaced crops per
-clip, and :func:`predict_clips` averages the model's probabilities over them.
+Datasets (:mod:`tlkit.data.audio_pipeline`, re-exported here) yield ``(waveform float32
+(B, clip_samples), targets float32 (B, num_classes))``: training takes one random, seeded crop
+per clip and epoch (epoch-addressed, so a resumed run reads an uninterrupted run's crops);
+evaluation takes ``crops`` evenly spaced crops per clip, and :func:`predict_clips` averages the
+model's probabilities over them.
 
 Splits reuse :mod:`tlkit.data.images`: a manifest's ``speaker`` column becomes
 :attr:`Example.group`, and :func:`~tlkit.data.images.stratified_split` keeps every group
@@ -28,19 +29,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
+from tlkit.data.audio_pipeline import AudioEpochs, clip_samples, fixed_crops, make_audio_dataset
 from tlkit.data.images import (
     Example,
     Splits,
-    encode_labels,
     single_example_notes,
     stratified_split,
 )
@@ -70,6 +70,7 @@ AUDIO_CACHED_CROPS = 4
 __all__ = [
     "AUDIO_CACHED_CROPS",
     "AUDIO_SUFFIXES",
+    "AudioEpochs",
     "AudioSplits",
     "audio_clip_length",
     "audio_crops",
@@ -333,110 +334,6 @@ def _load_task_splits(
                             "whole-speaker splits)", task.name, name, missing)
     return AudioSplits([], train, val, test, skipped, listing.ignored, [], list(listing.notes), found,
                        sample_rate=sample_rate, waveforms=waveforms)
-
-
-def clip_samples(seconds: float, sample_rate: int) -> int:
-    """Samples in a crop of ``seconds`` at ``sample_rate`` (at least 1)."""
-    return max(1, int(round(seconds * sample_rate)))
-
-
-def fixed_crops(waveform: np.ndarray, length: int, count: int = 1) -> np.ndarray:
-    """``count`` evenly spaced crops of ``length`` samples: ``(count, length)`` float32.
-
-    The first crop starts at the clip's start, the last ends at its end (one crop: the
-    centre). A clip shorter than ``length`` is zero-padded equally on both sides, and
-    every crop is then that padded clip.
-    """
-    wave = np.asarray(waveform, dtype=np.float32).reshape(-1)
-    if count < 1:
-        raise DataError(f"need at least one crop per clip, got {count}")
-    if len(wave) < length:
-        left = (length - len(wave)) // 2
-        wave = np.pad(wave, (left, length - len(wave) - left))
-    spare = len(wave) - length
-    if count == 1:
-        starts = [spare // 2]
-    else:
-        starts = np.round(np.linspace(0, spare, count)).astype(int).tolist()
-    return np.stack([wave[s : s + length] for s in starts]).astype(np.float32)
-
-
-def _random_crop(waveform: tf.Tensor, draw: tf.Tensor, length: int) -> tf.Tensor:
-    """One crop of ``length`` at an offset derived from the int64 ``draw``; short clips padded at random."""
-    samples = tf.shape(waveform, out_type=tf.int64)[0]
-    shortfall = tf.maximum(tf.constant(length, tf.int64) - samples, 0)
-    pad_left = tf.math.floormod(draw, shortfall + 1)
-    waveform = tf.pad(waveform, [[pad_left, shortfall - pad_left]])
-    spare = tf.shape(waveform, out_type=tf.int64)[0] - length
-    start = tf.math.floormod(tf.bitwise.right_shift(draw, 16), spare + 1)
-    crop = waveform[start : start + length]
-    crop.set_shape([length])
-    return crop
-
-
-def _waveforms_of(examples: Sequence[Example], waveforms: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    missing = [e.path for e in examples if e.path not in waveforms]
-    if missing:
-        raise DataError(
-            f"{len(missing)} example(s) have no decoded waveform (first: {missing[0]!r}); "
-            "build datasets from the AudioSplits that load_audio_splits returned"
-        )
-    return [waveforms[e.path] for e in examples]
-
-
-def make_audio_dataset(
-    examples: Sequence[Example],
-    class_names: Sequence[str],
-    waveforms: Mapping[str, np.ndarray],
-    clip_length: int,
-    batch_size: int = 32,
-    *,
-    training: bool = False,
-    seed: int = 0,
-    crops: int = 1,
-    targets: Any = None,
-) -> tf.data.Dataset:
-    """A batched ``tf.data.Dataset`` of ``(waveform float32 (B, clip_length), targets (B, C))``.
-
-    Args:
-        examples: the split to serve; every path must be in ``waveforms``.
-        class_names: output order of the one-hot (or multi-hot) targets.
-        waveforms: decoded clips, e.g. :attr:`AudioSplits.waveforms`.
-        clip_length: samples per crop (see :func:`clip_samples`).
-        training: one random crop per clip per epoch, shuffled with ``seed`` (the same
-            seed gives the same crops and order; each epoch differs from the last).
-        crops: evaluation only: ``crops`` evenly spaced crops per clip as consecutive
-            rows (so the dataset holds ``len(examples) * crops`` rows); validation loss
-            and accuracy are then per crop. :func:`predict_clips` averages them per clip.
-        targets: the targets to pair with the examples instead of their one-hot
-            ``class_names``: an ``(N, C)`` array or a dict of them (a multi-task model's
-            ``{task: (N, C_task)}``, see :func:`tlkit.multitask.data.task_targets`).
-    """
-    if not examples:
-        raise DataError("cannot build a dataset from zero examples (is a split empty? lower val/test fractions)")
-    if clip_length < 1:
-        raise DataError(f"clip length must be at least one sample, got {clip_length}")
-    waves = _waveforms_of(examples, waveforms)
-    targets = encode_labels(examples, class_names) if targets is None else targets
-    if not training:
-        rows = np.concatenate([fixed_crops(w, clip_length, crops) for w in waves])
-        repeated = tf.nest.map_structure(lambda column: np.repeat(np.asarray(column), crops, axis=0), targets)
-        ds = tf.data.Dataset.from_tensor_slices((rows, repeated))
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    lengths = np.array([len(w) for w in waves], np.int64)
-    ragged = tf.RaggedTensor.from_row_lengths(np.concatenate(waves).astype(np.float32), lengths)
-    ds = tf.data.Dataset.from_tensor_slices((ragged, targets))
-    ds = ds.shuffle(min(len(waves), 10_000), seed=seed, reshuffle_each_iteration=True)
-    # The draws come in the same order each epoch but meet other clips after the reshuffle,
-    # so crops change from epoch to epoch while staying reproducible for a seed.
-    draws = tf.data.Dataset.random(seed=seed)
-    ds = tf.data.Dataset.zip((ds, draws))
-    ds = ds.map(
-        lambda pair, draw: (_random_crop(tf.cast(pair[0], tf.float32), draw, clip_length), pair[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def audio_crops(spec: BackboneSpec, clip_seconds: float, eval_crops: int) -> tuple[int, int, int]:

@@ -9,17 +9,38 @@ Epoch ``e`` of a training set reads the same batches in the same order whether o
 was interrupted before it: :meth:`Batches.epochs` shuffles epoch ``e`` with a seed made from the
 Batches' seed and ``e`` only, so a resumed stage starts at its epoch with that epoch's order, and
 no earlier pass over the data (an interrupted process, Keras's build under a strategy) shifts it
-(see ``docs/reliability.md``).
+(see ``docs/reliability.md``). Other training sets take part through :class:`EpochAddressed`:
+a ``tf.data.Dataset`` that carries one as ``tlkit_epochs`` (the audio training set of
+:func:`tlkit.data.audio.make_audio_dataset`) is read by epoch the same way (:func:`epoch_addressed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import tensorflow as tf
 
 SHUFFLE_BUFFER_LIMIT = 10_000
+
+#: The attribute of a ``tf.data.Dataset`` holding its :class:`EpochAddressed` source.
+EPOCHS_ATTRIBUTE = "tlkit_epochs"
+
+
+@runtime_checkable
+class EpochAddressed(Protocol):
+    """Training data whose epoch ``e`` depends on its seed and ``e`` only (:class:`Batches` is one).
+
+    ``epochs(first, end)``: the batched ``tf.data.Dataset`` of epochs ``first .. end - 1`` back to
+    back, ``steps`` batches each (``fit`` reads it with ``steps_per_epoch=steps``).
+    """
+
+    @property
+    def steps(self) -> int: ...
+
+    def epochs(self, first: int, end: int) -> tf.data.Dataset: ...
 
 
 @dataclass(frozen=True)
@@ -60,11 +81,9 @@ class Batches:
         if not self.shuffle:
             return self.examples.batch(self.batch_size).repeat(max(0, end - first)).prefetch(tf.data.AUTOTUNE)
         buffer = min(self.count, SHUFFLE_BUFFER_LIMIT)
-        parts = [self.examples.shuffle(buffer, seed=epoch_seed(self.seed, e), reshuffle_each_iteration=False)
-                 .batch(self.batch_size) for e in range(first, end)] or [self.examples.take(0).batch(self.batch_size)]
-        while len(parts) > 1:  # pairwise, so the nesting is log2(epochs) deep
-            parts = [a.concatenate(b) for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-        return parts[0].prefetch(tf.data.AUTOTUNE)
+        return epoch_chain(lambda e: self.examples.shuffle(buffer, seed=epoch_seed(self.seed, e),
+                                                           reshuffle_each_iteration=False).batch(self.batch_size),
+                           first, end)
 
     def in_order(self) -> tf.data.Dataset:
         """Batches in the fixed example order (no shuffling), e.g. to compute features once."""
@@ -79,9 +98,29 @@ class Batches:
         return -(-self.count // self.batch_size)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffle seed of epoch ``epoch`` (from 0) of data shuffled with ``seed``: a function of the two only."""
-    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """The shuffle seed of epoch ``epoch`` (from 0) of data shuffled with ``seed``: a function of the two only
+    (``stream`` > 0: another independent seed of that epoch, e.g. for its random crops)."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, *([stream] if stream else [])]).generate_state(1)[0])
+
+
+def epoch_chain(epoch: Callable[[int], tf.data.Dataset], first: int, end: int) -> tf.data.Dataset:
+    """``epoch(first)``, ..., ``epoch(end - 1)`` (each an epoch's batched dataset) back to back, prefetched;
+    none (``end <= first``) gives an empty dataset of the same structure."""
+    parts = [epoch(e) for e in range(first, end)] or [epoch(first).take(0)]
+    while len(parts) > 1:  # pairwise, so the nesting is log2(epochs) deep
+        parts = [a.concatenate(b) for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
+    return parts[0].prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_addressed(data: Any) -> EpochAddressed | None:
+    """``data`` read by epoch: tlkit :class:`Batches` themselves, the :class:`EpochAddressed` source a
+    ``tf.data.Dataset`` carries as ``tlkit_epochs``, or ``None`` (a plain pipeline: a transformed copy
+    of such a dataset carries none)."""
+    if isinstance(data, Batches):
+        return data
+    source = getattr(data, EPOCHS_ATTRIBUTE, None)
+    return source if isinstance(source, EpochAddressed) else None
 
 
 def epoch_range(batched: tf.data.Dataset, steps: int, first: int, end: int) -> tf.data.Dataset:
