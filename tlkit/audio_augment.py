@@ -19,6 +19,7 @@ use) the layer returns its input unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from keras import ops
 from tlkit.backbones.spec import AudioFrontend, BackboneSpec
 from tlkit.errors import ConfigError
 
-__all__ = ["AudioAugment", "AudioAugmentation"]
+__all__ = ["AudioAugment", "AudioAugmentation", "audio_augmentation"]
 
 
 @dataclass(frozen=True)
@@ -225,3 +226,13 @@ class AudioAugment(keras.layers.Layer):
             "freq_mask_width": self.freq_mask_width,
             "seed": self.seed,
         }
+
+
+def audio_augmentation(augmentation: Any, say: Callable[[str], None] | None = None) -> AudioAugmentation | None:
+    """An audio run's augmentation: an :class:`AudioAugmentation` as given, none when disabled, and
+    the audio defaults in place of an image augmentation table (``say`` is told so)."""
+    if augmentation is None or isinstance(augmentation, AudioAugmentation):
+        return augmentation
+    if say is not None:
+        say("audio run: using AudioAugmentation() defaults (time shift, gain, noise or SpecAugment)")
+    return AudioAugmentation()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from tlkit.fileio import atomic_save, read_json, write_json
 BACKUP_WEIGHTS = "backup.weights.h5"
 BACKUP_STATE = "backup.json"
 BEST_WEIGHTS = "best.weights.h5"
+FINAL_WEIGHTS = "final.weights.h5"
+STAGE_DONE = "done.json"
 #: A backup may cost at most 1 / BUDGET_FACTOR of the time between backups...
 BUDGET_FACTOR = 20.0
 #: ...and comes at most every MIN_BUDGET_SECONDS: a kill -9 loses at most this much work.
@@ -179,6 +181,19 @@ def restore_backup(model: keras.Model, stage_dir: Path, prefix: str = "") -> Bac
     model.load_weights(weights)
     best = raw.get("best")
     return BackupState(int(raw["epoch"]), float(best) if best is not None else math.inf, int(raw.get("best_epoch", 0)))
+
+
+def stage_finished(stage_dir: Path | None) -> bool:
+    """Whether the stage in ``stage_dir`` finished (its final weights and ``done.json`` were written)."""
+    return stage_dir is not None and (stage_dir / STAGE_DONE).is_file()
+
+
+def finish_stage(stage_dir: Path, model: keras.Model, stage: Any, **details: Any) -> None:
+    """Records a finished stage: its final weights, then ``done.json`` (the stage as a dict, ``details``,
+    the time), so a run that resumes skips it and loads those weights (:func:`stage_finished`)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save(stage_dir / FINAL_WEIGHTS, model.save_weights)
+    write_json(stage_dir / STAGE_DONE, {"stage": asdict(stage), **details, "finished": time.time()})
 
 
 def is_multi_worker(strategy: Any) -> bool:

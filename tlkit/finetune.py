@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,17 +22,24 @@ import keras
 import tensorflow as tf
 
 from tlkit.adaptation.training import Adapter, StagePlan
-from tlkit.checkpointing import StageCheckpoint, check_workers_agree, restore_backup
+from tlkit.checkpointing import (
+    FINAL_WEIGHTS,
+    StageCheckpoint,
+    check_workers_agree,
+    finish_stage,
+    restore_backup,
+    stage_finished,
+)
 from tlkit.config import AdaptationConfig
 from tlkit.data.batches import Batches, epoch_addressed, epoch_range
 from tlkit.errors import ConfigError
 from tlkit.feature_cache import FeatureCache, cache_blocker
-from tlkit.fileio import atomic_save, write_json
 from tlkit.head_fit import HeadFit, solve_head
 from tlkit.model import (HeadConfig, backbone_groups, classification_loss, classification_metrics, integer_labels,
                          split_head)
 from tlkit.rundir import RunDir
 from tlkit.schedule import Schedule, Stage
+from tlkit.text import say
 
 
 @dataclass
@@ -256,7 +263,7 @@ def fine_tune(
     cache: FeatureCache | None = features
     head_in_scope = False
     adapter = Adapter.create(adaptation, target, model, schedule, strategy, seed=_seed(train),
-                             say=lambda message: _print(verbose, message))
+                             say=lambda message: say(verbose, message))
     if adapter is not None:
         adapter.prepare(train)
 
@@ -273,12 +280,12 @@ def fine_tune(
     for stage in schedule.stages:
         stage_dir = run.checkpoints(stage.name) if run is not None else None
         result.stage_boundaries.append(epochs_done)
-        finished = stage_dir is not None and (stage_dir / "done.json").is_file()
+        finished = stage_finished(stage_dir)
         check_workers_agree(strategy, int(finished), f"whether stage {stage.name!r} is finished", stage_dir)
         if finished:
-            model.load_weights(stage_dir / "final.weights.h5")
+            model.load_weights(stage_dir / FINAL_WEIGHTS)
             epochs_done += len([r for r in records if r["stage"] == stage.name])
-            _print(verbose, f"stage {stage.name!r} already finished in {run.path}; loaded its weights")
+            say(verbose, f"stage {stage.name!r} already finished in {run.path}; loaded its weights")
             continue
         if stage.epochs == 0:
             continue
@@ -289,7 +296,7 @@ def fine_tune(
         if not thawed and feature_cache in ("memory", "disk") and not use_cache:
             raise ConfigError(f"feature_cache={feature_cache!r} cannot apply to stage {stage.name!r}: {blocked}")
         if use_cache and cache is None:
-            _print(verbose, "head-only stage: computing backbone features once (feature cache)")
+            say(verbose, "head-only stage: computing backbone features once (feature cache)")
             cache = FeatureCache.build(model, train, validation, feature_cache, Path(scratch.name),
                                        train_passes=feature_passes)
         if use_cache and cache is not None and not head_in_scope:
@@ -303,7 +310,7 @@ def fine_tune(
             with strategy.scope():  # solve_head compiles the head model, which belongs to this strategy
                 fit, logs = solve_head(cache, head, loss=loss, metrics=metric_list(), class_weight=class_weight,
                                        sample_weight=adapter.solve_weights(cache) if adapter else None)
-            _print(verbose, f"stage {stage.name!r}: head solved to convergence on cached features ({fit.describe()})")
+            say(verbose, f"stage {stage.name!r}: head solved to convergence on cached features ({fit.describe()})")
             record = {"stage": stage.name, "stage_epoch": 1, "epoch": epochs_done + 1, **logs,
                       "solver": fit.solver, "time": time.time()}
             record.update({"C": fit.C} if fit.C is not None else {"solver_epochs": fit.epochs})
@@ -317,10 +324,7 @@ def fine_tune(
                        jit_compile, steps, backup_seconds, verbose, len(groups), plan)
         epochs_done += len([r for r in records if r["stage"] == stage.name])
         if stage_dir is not None:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(stage_dir / "final.weights.h5", model.save_weights)
-            write_json(stage_dir / "done.json",
-                       {"stage": asdict(stage), "feature_cache": use_cache, "solved": solve, "finished": time.time()})
+            finish_stage(stage_dir, model, stage, feature_cache=use_cache, solved=solve)
         if run is not None:
             run.rewrite_live_history(records)
             run.write_history(records)
@@ -347,7 +351,7 @@ def _solves_head(
         return True
     if stage.solver == "converge":
         raise ConfigError(f"stage {stage.name!r} has solver='converge', but its features are not fixed: {reason}")
-    _print(verbose, f"stage {stage.name!r}: training the head epoch by epoch ({reason})")
+    say(verbose, f"stage {stage.name!r}: training the head epoch by epoch ({reason})")
     return False
 
 
@@ -377,7 +381,7 @@ def _run_stage(
     initial = resumed.epoch if resumed else 0
     check_workers_agree(strategy, initial, f"the epoch stage {stage.name!r} resumes after", stage_dir)
     records[:] = [r for r in records if r["stage"] != stage.name or r["stage_epoch"] <= initial]
-    _print(
+    say(
         verbose,
         f"stage {stage.name!r}: {stage.epochs} epochs, "
         f"{'head only' if not thawed else f'{len(thawed)} of {group_count} backbone groups thawed'}"
@@ -483,7 +487,3 @@ def _keras_verbose(verbose: int | str) -> int | str:
         return 1 if sys.stdout.isatty() else 2
     return verbose
 
-
-def _print(verbose: int | str, message: str) -> None:
-    if verbose != 0:
-        print(f"[tlkit] {message}", flush=True)

@@ -51,6 +51,7 @@ from tlkit.run import _prepare_audio, _prepare_images, _resolve_spec, make_strat
 from tlkit.model_info import all_layers, model_name
 from tlkit.rundir import RunDir
 from tlkit.schedule import Stage
+from tlkit.text import say
 
 BETA = 0.98  # smoothing of the loss (fastai's value)
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
@@ -211,7 +212,7 @@ def lr_find(
         ratios = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in inner]
         sweep = _Sweep(rates, inner, ratios, beta, diverge_factor)
         trains = f"{len(thawed)} backbone group(s) thawed" if thawed else "head only"
-        _say(verbose, f"lr-find on stage {stage.name!r}: {steps} batches, rate {min_lr:g} -> {max_lr:g} "
+        say(verbose, f"lr-find on stage {stage.name!r}: {steps} batches, rate {min_lr:g} -> {max_lr:g} "
                       f"({stage.optimizer}, {trains})")
         model._initial_epoch = None  # never inherit a previous fit's resume point (Keras keeps it)
         model.fit(_batched(train).repeat(), epochs=steps, steps_per_epoch=1, callbacks=[sweep], verbose=0,
@@ -388,7 +389,3 @@ def summary(result: LRFindResult) -> str:
     lines += [f"wrote {p}" for p in result.files.values()]
     return "\n".join(lines)
 
-
-def _say(verbose: int | str, message: str) -> None:
-    if verbose != 0:
-        print(f"[tlkit] {message}", flush=True)

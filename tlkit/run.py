@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.adaptation.target import load_run_target
-from tlkit.audio_augment import AudioAugmentation
+from tlkit.audio_augment import audio_augmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.backbones.spec import BackboneSpec
 from tlkit.calibrate import Calibration, calibrate_model
@@ -50,6 +50,7 @@ from tlkit.model_info import model_name
 from tlkit.multitask.manifest import resolve_tasks
 from tlkit.multitask.train import train_multitask
 from tlkit.rundir import InputContract, RunDir
+from tlkit.text import say
 from tlkit.transfer_report import RunSplits, finish_report, measure_baselines
 
 
@@ -137,9 +138,9 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     run = rundir.path
     note = rundir.claim(cfg)
     if note:
-        _say(verbose, note)
+        say(verbose, note)
     if rundir.is_complete:
-        _say(verbose, f"run {run} is already complete; nothing to do")
+        say(verbose, f"run {run} is already complete; nothing to do")
         return RunResult(run, rundir.load_model(), rundir.labels(), None, rundir.status().get("test_metrics", {}))
     rundir.ensure_writable()
     spec = _resolve_spec(cfg)  # a typo in the backbone fails here, before the run directory holds anything
@@ -162,11 +163,11 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     if baselines:
         cache = _probe_cache(model, data, cfg, rundir)  # images: fine_tune's head stage reuses these features
         transfer = measure_baselines(model, data.run_splits, data.image_batches, multi_label=cfg.head.multi_label,
-                                     cache=cache, say=lambda message: _say(verbose, message))
+                                     cache=cache, say=lambda message: say(verbose, message))
     target = load_run_target(cfg, data.run_splits, spec.modality, data.image_size) if cfg.adaptation.enabled else None
     if target is not None:
         auc = target.measure(model, data.run_splits, "before", seed=cfg.seed)
-        _say(verbose, f"{target.summary()}; shift before training: domain AUC {auc:.3f}")
+        say(verbose, f"{target.summary()}; shift before training: domain AUC {auc:.3f}")
     weights = None
     if cfg.data.class_weights and not cfg.head.multi_label:
         weights = class_weights(splits.train, splits.class_names)
@@ -180,19 +181,19 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
     )
     if target is not None:
         auc = target.measure(model, data.run_splits, "after", seed=cfg.seed, done=history.adaptation)
-        _say(verbose, f"adaptation {cfg.adaptation.method!r}: shift after training: domain AUC {auc:.3f}")
+        say(verbose, f"adaptation {cfg.adaptation.method!r}: shift after training: domain AUC {auc:.3f}")
     calibration = _calibrate(model, data, cfg, verbose)
     if calibration is not None:
         rundir.write_calibration(**calibration.to_dict())
     test_metrics: dict[str, float] = {}
     if splits.test:
         test_metrics = data.evaluate_test(model)
-        _say(verbose, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+        say(verbose, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     if transfer is not None:
         finish_report(transfer, data.predict(model, splits.val) if splits.val else None,
                       data.predict(model, splits.test) if splits.test else None,
                       multi_label=cfg.head.multi_label, seconds=history.seconds)
-        _say(verbose, "measured on this run's split:\n" + transfer.table())
+        say(verbose, "measured on this run's split:\n" + transfer.table())
         for warning in transfer.warnings:
             print(f"[tlkit] WARNING: {warning}", file=sys.stderr, flush=True)
     with strategy.scope():  # a plain optimizer, so the saved model is a clean, fittable Keras model
@@ -214,7 +215,7 @@ def train(config: RunConfig | str | Path, *, verbose: int | str | None = None, b
                  "ignored_files": len(splits.ignored)},
         **data.status, "versions": versions(),
     })
-    _say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
+    say(verbose, f"wrote {rundir.file(RunDir.MODEL)}")
     return RunResult(run, model, splits.class_names, history, test_metrics)
 
 
@@ -272,7 +273,7 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
         drop_unreadable_classes=cfg.data.drop_unreadable_classes,
     )
-    _say(verbose, splits.summary())
+    say(verbose, splits.summary())
     run.write_data(splits)
     size = (cfg.backbone.image_size,) * 2 if cfg.backbone.image_size else spec.image_size
     make = lambda examples, training: make_batches(  # noqa: E731
@@ -301,13 +302,13 @@ def _prepare_images(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: in
 def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int | str) -> _RunData:
     rate, clip, crops = audio_crops(spec, cfg.data.clip_seconds, cfg.data.eval_crops)
     if clip != clip_samples(cfg.data.clip_seconds, rate):
-        _say(verbose, f"backbone {spec.name!r} takes exactly {clip} samples; crops are {clip / rate:g}s")
+        say(verbose, f"backbone {spec.name!r} takes exactly {clip} samples; crops are {clip / rate:g}s")
     splits = load_audio_splits(
         cfg.data.path, cfg.data.manifest, sample_rate=rate, val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction, seed=cfg.seed,
         drop_unreadable_classes=cfg.data.drop_unreadable_classes,
     )
-    _say(verbose, splits.summary())
+    say(verbose, splits.summary())
     run.write_data(splits)
     batch = cfg.data.batch_size
     train_ds = make_audio_dataset(
@@ -329,7 +330,7 @@ def _prepare_audio(cfg: RunConfig, spec: BackboneSpec, run: RunDir, verbose: int
         return encode_labels(examples, splits.class_names), np.asarray(probabilities, np.float32)
 
     status = InputContract("audio", None, rate, clip / rate, crops).to_status()
-    augmentation = _audio_augmentation(cfg.augmentation, verbose)
+    augmentation = audio_augmentation(cfg.augmentation, lambda message: say(verbose, message))
     run_splits = RunSplits(splits.train, splits.val, splits.test, splits.class_names, splits.waveforms, rate, clip,
                            crops)
     return _RunData(splits, train_ds, val_ds, evaluate_test, predict, run_splits, None, augmentation, None, status,
@@ -352,29 +353,16 @@ def _calibrate(model: keras.Model, data: _RunData, cfg: RunConfig, verbose: int 
     """Temperature scaling fitted on the validation split (as the run scores it) and folded into
     the model, so every later use of the model returns calibrated probabilities."""
     if not data.splits.val:
-        _say(verbose, "not calibrated: the run has no validation split")
+        say(verbose, "not calibrated: the run has no validation split")
         return None
     targets, probabilities = data.predict(model, data.splits.val)
     calibration = calibrate_model(model, targets, probabilities, multi_label=cfg.head.multi_label)
     if calibration is None:
-        _say(verbose, "not calibrated: a temperature does not lower the validation log-loss "
+        say(verbose, "not calibrated: a temperature does not lower the validation log-loss "
                       "(validation split too small or perfectly separated)")
     else:
-        _say(verbose, f"calibrated: temperature {calibration.temperature:.3g} on {calibration.examples} validation "
+        say(verbose, f"calibrated: temperature {calibration.temperature:.3g} on {calibration.examples} validation "
                       f"examples (log-loss {calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}), "
                       "folded into the model")
     return calibration
 
-
-def _audio_augmentation(augmentation: Any, verbose: int | str) -> AudioAugmentation | None:
-    """An audio run's augmentation: an AudioAugmentation as given, none when disabled, and
-    the audio defaults in place of an image augmentation table."""
-    if augmentation is None or isinstance(augmentation, AudioAugmentation):
-        return augmentation
-    _say(verbose, "audio run: using AudioAugmentation() defaults (time shift, gain, noise or SpecAugment)")
-    return AudioAugmentation()
-
-
-def _say(verbose: int | str, message: str) -> None:
-    if verbose != 0:
-        print(f"[tlkit] {message}", flush=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from tlkit.audio_augment import AudioAugmentation
+from tlkit.audio_augment import audio_augmentation
 from tlkit.backbones.registry import get as get_spec
 from tlkit.config import RunConfig
 from tlkit.model import build_classifier
@@ -44,9 +44,7 @@ def rebuild_model(cfg: RunConfig, status: dict[str, Any], classes: list[str] | d
     names}`` for a multi-task run; ``status``: its ``run.json``) with ``weights`` loaded."""
     spec = get_spec(cfg.backbone.name, image_size=cfg.backbone.image_size,
                     modality=status.get("modality", "image"), sample_rate=cfg.backbone.sample_rate)
-    augmentation = cfg.augmentation
-    if spec.modality == "audio" and not (augmentation is None or isinstance(augmentation, AudioAugmentation)):
-        augmentation = AudioAugmentation()
+    augmentation = audio_augmentation(cfg.augmentation) if spec.modality == "audio" else cfg.augmentation
     size = tuple(status["image_size"]) if status.get("image_size") else None
     common: dict[str, Any] = {"weights": "pretrained", "head": cfg.head, "augmentation": augmentation,
                               "image_size": size, "seed": cfg.seed, "name": model_name(cfg.name)}

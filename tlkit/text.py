@@ -8,6 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def say(verbose: int | str, message: str) -> None:
+    """Prints ``[tlkit] message`` (flushed) unless ``verbose`` is 0: the progress lines of training,
+    fine-tuning and the learning-rate finder."""
+    if verbose != 0:
+        print(f"[tlkit] {message}", flush=True)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with a header rule, columns padded to their widest cell."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

@@ -114,22 +114,18 @@ def _serving_module(source: ExportSource) -> tf.Module:
 
         @tf.function(input_signature=[spec])
         def serve(self, raw: tf.Tensor) -> dict[str, tf.Tensor]:
-            if tasks is not None:  # one set of outputs per task
-                if source.modality == "image":
-                    outputs = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
-                elif windows is not None:
-                    outputs = window_scores(tf_score_windows, self.model, raw, tasks, windows.clip_samples,
-                                            windows.crops)
-                else:
-                    outputs = self.model(raw, training=False)
-                return serving_outputs(outputs, tasks, self.task_label_names)
             if source.modality == "image":
-                probabilities = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
+                outputs = self.model(tf.cast(to_rgb(raw), tf.float32), training=False)
+            elif windows is not None and tasks is not None:
+                outputs = window_scores(tf_score_windows, self.model, raw, tasks, windows.clip_samples, windows.crops)
             elif windows is not None:
-                probabilities = tf_score_windows(lambda x: self.model(x, training=False), raw,
-                                                 windows.clip_samples, windows.crops)
+                outputs = tf_score_windows(lambda x: self.model(x, training=False), raw, windows.clip_samples,
+                                           windows.crops)
             else:
-                probabilities = self.model(raw, training=False)
+                outputs = self.model(raw, training=False)
+            if tasks is not None:  # one set of outputs per task
+                return serving_outputs(outputs, tasks, self.task_label_names)
+            probabilities = outputs
             scores, indices = tf.math.top_k(probabilities, k=k)
             return {"probabilities": probabilities, "labels": tf.gather(self.label_names, indices), "scores": scores}
 

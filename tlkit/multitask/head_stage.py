@@ -21,9 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit.checkpointing import finish_stage, stage_finished
 from tlkit.data.listing import TaskColumn
 from tlkit.feature_cache import FeatureCache
-from tlkit.fileio import atomic_save, write_json
 from tlkit.head_fit import HeadFit, solve_head
 from tlkit.model import HeadConfig, backbone_groups
 from tlkit.multitask.data import labelled
@@ -46,7 +46,7 @@ def leading_head_stages(schedule: Schedule) -> list[Stage]:
 
 
 def is_done(run: RunDir, stage: Stage) -> bool:
-    return (run.checkpoints(stage.name) / "done.json").is_file()
+    return stage_finished(run.checkpoints(stage.name))
 
 
 def task_cache(cache: FeatureCache, model: keras.Model, task: str) -> FeatureCache:
@@ -108,10 +108,6 @@ def solve_task_heads(
             record[f"{split}loss"] = float(sum(parts))
     record.update({"solver": ",".join(sorted({f.solver for f in fits.values()})), "time": time.time()})
     run.rewrite_live_history([*history, record])
-    stage_dir = run.checkpoints(stage.name)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(stage_dir / "final.weights.h5", model.save_weights)
-    write_json(stage_dir / "done.json", {"stage": asdict(stage), "feature_cache": True, "solved": True,
-                                         "tasks": {name: asdict(fit) for name, fit in fits.items()},
-                                         "finished": time.time()})
+    finish_stage(run.checkpoints(stage.name), model, stage, feature_cache=True, solved=True,
+                 tasks={name: asdict(fit) for name, fit in fits.items()})
     return fits

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlkit.audio_augment import AudioAugmentation
+from tlkit.audio_augment import audio_augmentation
 from tlkit.backbones.spec import BackboneSpec
 from tlkit.baselines import frozen_clip_features, frozen_features
 from tlkit.config import RunConfig
@@ -141,10 +141,7 @@ def audio_task_data(cfg: RunConfig, spec: BackboneSpec, say: Callable[[str], Non
     def features(extractor: keras.Model, examples: Sequence[Example]) -> np.ndarray:
         return frozen_clip_features(extractor, [waves[e.path] for e in examples], clip, crops=crops, batch_size=batch)
 
-    augmentation = cfg.augmentation
-    if augmentation is not None and not isinstance(augmentation, AudioAugmentation):
-        say("audio run: using AudioAugmentation() defaults (time shift, gain, noise or SpecAugment)")
-        augmentation = AudioAugmentation()
+    augmentation = audio_augmentation(cfg.augmentation, say)
     return TaskData(splits, dataset(splits.train, True), dataset(splits.val) if splits.val else None, predict,
                     evaluate, features, InputContract("audio", None, rate, clip / rate, crops), augmentation, None,
                     AUDIO_CACHED_CROPS, waves, rate)

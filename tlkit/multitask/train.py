@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit import text
 from tlkit.backbones.registry import get as get_spec
 from tlkit.calibrate import calibrate_model
 from tlkit.config import RunConfig
@@ -76,7 +77,7 @@ def train_multitask(cfg: RunConfig, strategy: tf.distribute.Strategy, *, verbose
             (audio, with its waveforms) whose ``tasks`` are the config's, e.g. one split shared by
             runs of different task sets. A resumed run must be given the same splits.
     """
-    say = lambda message: _say(verbose, message)  # noqa: E731
+    say = lambda message: text.say(verbose, message)  # noqa: E731
     _refuse_unsupported(cfg)
     rundir = RunDir.for_worker(cfg.output_dir) if cfg.training.distribute == "multi_worker" else RunDir(cfg.output_dir)
     note = rundir.claim(cfg)
@@ -217,7 +218,3 @@ def _calibrate(model: keras.Model, data: TaskData, say: Any) -> dict[str, dict[s
         records[task.name] = calibration.to_dict()
     return records
 
-
-def _say(verbose: int | str, message: str) -> None:
-    if verbose != 0:
-        print(f"[tlkit] {message}", flush=True)
